@@ -1,0 +1,153 @@
+"""The one module that turns plain classes into Ray actors and tasks: names, restarts, resources.
+
+- ``headshots-coordinator``: detached, restarted forever; async (one event loop drives all batches).
+- ``headshots-gpu-<i>``: one per GPU (``num_gpus=1``), detached so a coordinator restart finds them;
+  restarted forever; actor calls retried (every stage call is idempotent).
+- ingest and packaging: plain tasks on CPU slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import ray
+
+from cluster.coordinator import Coordinator
+from cluster.jobs import PersonJob, StageResult
+from cluster.worker import GpuWorker
+
+COORDINATOR_NAME = "headshots-coordinator"
+GPU_WORKER_PREFIX = "headshots-gpu-"
+ACTOR_TASK_RETRIES = 2
+logger = logging.getLogger(__name__)
+
+
+# --- CPU stages ----------------------------------------------------------------------------------
+
+@ray.remote(num_cpus=1, max_retries=2)
+def ingest_task(config, job: PersonJob) -> StageResult:
+    from cluster.stages import run_ingest
+    from storage.store import ArtifactStore
+
+    return run_ingest(ArtifactStore.from_config(config.store), job,
+                      training_resolution=config.training.resolution)
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def package_person_task(config, job: PersonJob, headshots: list[dict[str, Any]]) -> StageResult:
+    from cluster.stages import run_package_person
+    from storage.store import ArtifactStore
+
+    return run_package_person(ArtifactStore.from_config(config.store), job, headshots)
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def package_batch_task(config, fields: dict[str, Any]) -> StageResult:
+    from cluster.stages import run_package_batch
+    from storage.store import ArtifactStore
+
+    return run_package_batch(ArtifactStore.from_config(config.store), **fields)
+
+
+# --- GPU workers ---------------------------------------------------------------------------------
+
+class GpuWorkerActor(GpuWorker):
+    """A :class:`GpuWorker` that reports each write to the coordinator as it happens."""
+
+    def __init__(self, config, worker_id: str, namespace: str):
+        self._namespace = namespace
+        self._coordinator = None
+        super().__init__(config, worker_id, report_objects=self._report)
+
+    def _report(self, job: PersonJob, objects) -> None:
+        try:
+            if self._coordinator is None:
+                self._coordinator = ray.get_actor(COORDINATOR_NAME, namespace=self._namespace)
+            # Fire and forget: the stage result carries the same records again.
+            self._coordinator.record_objects.remote(job.to_json(), [o.to_json() for o in objects])
+        except Exception:  # the coordinator restarting must not fail a fine-tune
+            self._coordinator = None
+
+
+class RayWorkerPool:
+    """Runs stages on Ray: GPU stages on an idle worker actor, CPU stages as tasks."""
+
+    def __init__(self, config, workers: list):
+        self.config = config
+        self.workers = workers
+        self._idle: asyncio.Queue | None = None
+
+    def _queue(self) -> asyncio.Queue:
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            for worker in self.workers:
+                self._idle.put_nowait(worker)
+        return self._idle
+
+    async def _on_gpu(self, method: str, job: PersonJob) -> StageResult:
+        idle = self._queue()
+        worker = await idle.get()
+        try:
+            return await getattr(worker, method).remote(job)
+        finally:
+            idle.put_nowait(worker)
+
+    async def ingest(self, job: PersonJob) -> StageResult:
+        return await ingest_task.remote(self.config, job)
+
+    async def train(self, job: PersonJob) -> StageResult:
+        return await self._on_gpu("train", job)
+
+    async def generate(self, job: PersonJob) -> StageResult:
+        return await self._on_gpu("generate", job)
+
+    async def package_person(self, job: PersonJob, headshots: list[dict[str, Any]]) -> StageResult:
+        return await package_person_task.remote(self.config, job, headshots)
+
+    async def package_batch(self, **fields: Any) -> StageResult:
+        return await package_batch_task.remote(self.config, fields)
+
+
+def start_gpu_workers(config, *, namespace: str) -> list:
+    """Get or create one worker actor per GPU (names make this idempotent across coordinator restarts)."""
+    count = config.workers.gpu_workers or int(ray.cluster_resources().get("GPU", 0))
+    if count < 1:
+        raise RuntimeError("the Ray cluster reports no GPUs; set ray.num_gpus (local) or workers.gpu_workers")
+    actor_class = ray.remote(GpuWorkerActor).options
+    workers = []
+    for index in range(count):
+        workers.append(actor_class(
+            name=f"{GPU_WORKER_PREFIX}{index}", namespace=namespace, lifetime="detached", get_if_exists=True,
+            num_gpus=1, num_cpus=0, max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES,
+            max_concurrency=1,
+        ).remote(config, f"gpu-{index}", namespace))
+    return workers
+
+
+class CoordinatorActor(Coordinator):
+    """The coordinator, with its pool of Ray workers built inside the actor."""
+
+    def __init__(self, config, metrics_port: int | None, namespace: str):
+        super().__init__(config, RayWorkerPool(config, start_gpu_workers(config, namespace=namespace)),
+                         metrics_port=metrics_port)
+        # After a crash Ray re-runs __init__ but calls nothing else: resume running batches ourselves.
+        # (A thread, because __init__ has no event loop; start() is idempotent.)
+        own_handle = ray.get_runtime_context().current_actor
+        threading.Thread(target=lambda: own_handle.start.remote(), daemon=True).start()
+
+
+def get_or_create_coordinator(config, *, metrics_port: int | None):
+    """The running coordinator, created (and started) if absent. Call after ``ray.init``."""
+    namespace = config.ray.namespace
+    try:
+        handle = ray.get_actor(COORDINATOR_NAME, namespace=namespace)
+    except ValueError:
+        handle = ray.remote(CoordinatorActor).options(
+            name=COORDINATOR_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
+            num_cpus=0, max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES, max_concurrency=1000,
+        ).remote(config, metrics_port, namespace)
+    ray.get(handle.start.remote())
+    return handle

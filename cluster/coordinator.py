@@ -1,0 +1,253 @@
+"""The coordinator: moves every person of every running batch through ingest → train → generate → package.
+
+It holds no state of its own that matters: batch and person state documents in the store are the
+truth, written at every transition. If the actor dies, Ray restarts it (``max_restarts``), and
+``start()`` reads every batch still ``running`` back from the store and carries each person on from
+the stage it had reached. Stages are idempotent (see :mod:`cluster.worker`), so a stage that was
+running when the coordinator died is simply run again.
+
+Idempotent calls: ``start``, ``submit`` (a batch already running is not started twice),
+``record_objects`` (a version already recorded is ignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry
+
+from cluster.jobs import PersonJob, StageResult
+from monitoring.metrics import PERSON_STATES, create_pipeline_metrics, serve_metrics
+from storage.state import BatchState, HeadshotRecord, PersonState, StateStore
+from storage.store import ArtifactStore, StoredObject, utc_now_iso
+
+logger = logging.getLogger(__name__)
+
+MAX_STAGE_ATTEMPTS = 3
+NEXT_STATE = {"queued": "ingesting", "ingesting": "training", "training": "generating",
+              "generating": "packaging", "packaging": "done"}
+STAGE_BY_STATE = {"ingesting": "ingest", "training": "train", "generating": "generate", "packaging": "package"}
+
+
+class WorkerPool(Protocol):
+    """Where stages run: Ray actors and tasks in production (:mod:`cluster.pool`)."""
+
+    async def ingest(self, job: PersonJob) -> StageResult: ...
+    async def train(self, job: PersonJob) -> StageResult: ...
+    async def generate(self, job: PersonJob) -> StageResult: ...
+    async def package_person(self, job: PersonJob, headshots: list[dict[str, Any]]) -> StageResult: ...
+    async def package_batch(self, **fields: Any) -> StageResult: ...
+
+
+class PermanentStageError(Exception):
+    """A stage failed in a way a retry cannot fix (bad input, not a crashed worker)."""
+
+
+class Coordinator:
+    """Drives batches. See the module docstring for restart behaviour.
+
+    Args:
+        config: the system config.
+        pool: where stages run.
+        metrics_port: serve /metrics on config.metrics.host:metrics_port (None: do not serve).
+    """
+
+    def __init__(self, config, pool: WorkerPool, *, metrics_port: int | None = None):
+        self.config = config
+        self.pool = pool
+        self.store = ArtifactStore.from_config(config.store)
+        self.states = StateStore(self.store)
+        self.registry = CollectorRegistry()
+        self.metrics = create_pipeline_metrics(self.registry)
+        self.metrics_port = None
+        if metrics_port is not None:
+            self.metrics_port = serve_metrics(self.registry, host=config.metrics.host, port=metrics_port)
+        self._batches: dict[tuple[str, str], asyncio.Task] = {}
+        self._persons: dict[tuple[str, str, str], PersonState] = {}
+        self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+        self._started = False
+
+    # --- public calls ----------------------------------------------------------------------------
+
+    async def start(self) -> dict[str, Any]:
+        """Resume every batch the store says is running (idempotent)."""
+        if not self._started:
+            self._started = True
+            batches = await asyncio.to_thread(self.states.list_batches)
+            for tenant, batch_id in batches:
+                batch = await asyncio.to_thread(self.states.load_batch, tenant, batch_id)
+                if batch.state == "running":
+                    logger.info("resuming batch %s/%s", tenant, batch_id)
+                    self._launch(tenant, batch_id)
+        return {"metrics_port": self.metrics_port, "running": [f"{t}/{b}" for t, b in self._batches]}
+
+    async def submit(self, tenant: str, batch_id: str) -> dict[str, Any]:
+        """Start processing a batch whose state the client has already written (idempotent)."""
+        self.metrics.batches_submitted_total.inc()
+        self._launch(tenant, batch_id)
+        return {"tenant": tenant, "batch_id": batch_id}
+
+    async def wait(self, tenant: str, batch_id: str, timeout_s: float | None = None) -> str:
+        """Wait until the batch's run ends; returns its final state (for tests and scripts)."""
+        task = self._batches.get((tenant, batch_id))
+        if task is not None:
+            await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        batch = await asyncio.to_thread(self.states.load_batch, tenant, batch_id)
+        return batch.state
+
+    async def record_objects(self, job: dict[str, Any], objects: list[dict[str, Any]]) -> None:
+        """A worker wrote these versions: remember them in the person's state right away."""
+        key = (job["tenant"], job["batch_id"], job["person_id"])
+        person = self._persons.get(key)
+        if person is None:
+            return  # not ours (an old batch's late report); the stage result carries them again
+        if self._add_objects(person, [StoredObject.from_json(o) for o in objects]):
+            await self._save_person(person)
+
+    def ping(self) -> dict[str, Any]:
+        return {"metrics_port": self.metrics_port, "batches_running": sum(not t.done() for t in self._batches.values())}
+
+    # --- batch and person flow -------------------------------------------------------------------
+
+    def _launch(self, tenant: str, batch_id: str) -> None:
+        existing = self._batches.get((tenant, batch_id))
+        if existing is not None and not existing.done():
+            return
+        self._batches[(tenant, batch_id)] = asyncio.get_running_loop().create_task(
+            self._run_batch(tenant, batch_id), name=f"batch-{tenant}-{batch_id}")
+
+    async def _run_batch(self, tenant: str, batch_id: str) -> None:
+        try:
+            batch = await asyncio.to_thread(self.states.load_batch, tenant, batch_id)
+            persons = await asyncio.to_thread(self.states.load_persons, batch)
+            for person in persons:
+                self._persons[(tenant, batch_id, person.person_id)] = person
+            self._update_person_gauge()
+            await asyncio.gather(*(self._run_person(batch, person) for person in persons))
+            await self._finish_batch(batch, persons)
+        except Exception:
+            logger.exception("batch %s/%s stopped on an unexpected error; it resumes on restart", tenant, batch_id)
+            raise
+
+    async def _run_person(self, batch: BatchState, person: PersonState) -> None:
+        while not person.is_final:
+            if person.state == "queued":
+                await self._transition(person, "ingesting")
+                continue
+            stage = STAGE_BY_STATE[person.state]
+            attempt = person.attempts.get(stage, 0) + 1
+            person.attempts[stage] = attempt
+            try:
+                started = time.perf_counter()
+                next_state = await self._run_stage(batch, person, stage)
+                elapsed = time.perf_counter() - started
+                person.timings_s[stage] = round(person.timings_s.get(stage, 0.0) + elapsed, 4)
+                self.metrics.stage_duration_seconds.labels(stage=stage).observe(elapsed)
+                await self._transition(person, next_state)
+            except Exception as error:
+                self.metrics.stage_errors_total.labels(stage=stage).inc()
+                cause = _root_cause(error)
+                permanent = isinstance(cause, (PermanentStageError, ValueError, PermissionError))
+                # Log ids and the error class only: messages can quote user input.
+                logger.warning("stage %s failed for %s (attempt %d): %s", stage, person.ref.prefix, attempt,
+                               type(cause).__name__)
+                if permanent or attempt >= MAX_STAGE_ATTEMPTS:
+                    person.error = f"{stage} failed after {attempt} attempt(s): {type(cause).__name__}: {cause}"
+                    await self._transition(person, "failed")
+                else:
+                    await asyncio.sleep(min(2.0 ** attempt * 0.25, 10.0))
+
+    async def _run_stage(self, batch: BatchState, person: PersonState, stage: str) -> str:
+        job = PersonJob(tenant=person.tenant, batch_id=person.batch_id, person_id=person.person_id,
+                        base_model=batch.base_model, styles=tuple(batch.styles),
+                        images_per_style=batch.images_per_style,
+                        upload_keys=tuple(photo.key for photo in person.photos if photo.accepted and photo.key))
+        if stage == "ingest":
+            result = await self.pool.ingest(job)
+            self._add_objects(person, result.objects)
+            for rejected in result.details.get("rejected", []):
+                for photo in person.photos:
+                    if photo.key == rejected["key"]:
+                        photo.accepted, photo.reason, photo.message = False, rejected["reason"], rejected["message"]
+                        self.metrics.photos_rejected_total.labels(reason=rejected["reason"]).inc()
+            if len(result.details.get("accepted", [])) < self.config.ingest.min_photos:
+                person.error = (f"{person.photos_accepted} usable photo(s); at least {self.config.ingest.min_photos} "
+                                "needed: add photos and retry")
+                return "needs_photos"
+            return "training"
+        if stage == "train":
+            result = await self.pool.train(job)
+            self._add_objects(person, result.objects)
+            person.train_steps_done = result.details.get("steps", 0)
+            self.metrics.training_steps_total.inc(result.training_steps)
+            return "generating"
+        if stage == "generate":
+            result = await self.pool.generate(job)
+            self._add_objects(person, result.objects)
+            person.headshots = [HeadshotRecord.from_json(record) for record in sorted(
+                result.details["headshots"], key=lambda r: (batch.styles.index(r["style"]), r["index"]))]
+            for style, count in result.images_by_style.items():
+                self.metrics.images_generated_total.labels(style=style).inc(count)
+            return "packaging"
+        if stage == "package":
+            result = await self.pool.package_person(job, [vars(h) for h in person.headshots])
+            self._add_objects(person, result.objects)
+            return "done"
+        raise AssertionError(f"unknown stage {stage}")
+
+    async def _finish_batch(self, batch: BatchState, persons: list[PersonState]) -> None:
+        batch = await asyncio.to_thread(self.states.load_batch, batch.tenant, batch.batch_id)
+        if batch.state != "running":
+            return  # cancelled while we worked
+        await self.pool.package_batch(
+            tenant=batch.tenant, batch_id=batch.batch_id, batch_name=batch.name, base_model=batch.base_model,
+            persons=[{"person_id": p.person_id, "state": p.state, "headshots": [vars(h) for h in p.headshots],
+                      "timings_s": p.timings_s} for p in persons])
+        batch.state = "done"
+        batch.finished_at = utc_now_iso()
+        await asyncio.to_thread(self.states.save_batch, batch)
+        logger.info("batch %s/%s done", batch.tenant, batch.batch_id)
+
+    async def _transition(self, person: PersonState, state: str) -> None:
+        person.state = state
+        person.stage = STAGE_BY_STATE.get(state)
+        if person.is_final:
+            person.processed_at = utc_now_iso()
+        if state == "done":
+            person.error = None
+        await self._save_person(person)
+        self._update_person_gauge()
+
+    async def _save_person(self, person: PersonState) -> None:
+        key = (person.tenant, person.batch_id, person.person_id)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            # Snapshot inside the lock so two saves can never land out of order.
+            snapshot = PersonState.from_json(person.to_json())
+            await asyncio.to_thread(self.states.save_person, snapshot)
+
+    def _add_objects(self, person: PersonState, objects: list[StoredObject]) -> bool:
+        known = {(o.bucket, o.key, o.version_id) for o in person.objects}
+        added = False
+        for stored in objects:
+            if (stored.bucket, stored.key, stored.version_id) not in known:
+                person.record_object(stored)
+                known.add((stored.bucket, stored.key, stored.version_id))
+                added = True
+        return added
+
+    def _update_person_gauge(self) -> None:
+        counts = dict.fromkeys(PERSON_STATES, 0)
+        for person in self._persons.values():
+            counts[person.state] += 1
+        for state, count in counts.items():
+            self.metrics.persons.labels(state=state).set(count)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """Ray wraps a task's exception; the original tells whether a retry can help."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error

@@ -1,0 +1,42 @@
+"""The messages that move between the coordinator and the workers: small, JSON-shaped, ids only.
+
+A job never carries image bytes or names: workers read their inputs from the store under the person's
+own prefix, and return the records of what they wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from storage.keys import PersonRef
+from storage.store import StoredObject
+
+
+@dataclass(frozen=True)
+class PersonJob:
+    tenant: str
+    batch_id: str
+    person_id: str
+    base_model: str
+    styles: tuple[str, ...] = ()
+    images_per_style: int = 0
+    upload_keys: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> PersonRef:
+        return PersonRef(self.tenant, self.batch_id, self.person_id)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StageResult:
+    """What a stage did: objects written (every version), figures for metrics, stage-specific details."""
+
+    objects: list[StoredObject] = field(default_factory=list)
+    seconds: float = 0.0
+    training_steps: int = 0
+    images_by_style: dict[str, int] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)

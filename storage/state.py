@@ -1,0 +1,213 @@
+"""Batch and person state documents, kept in the ``state`` bucket.
+
+The store is the source of truth: a coordinator that restarts reads these back and carries on. Names
+and emails live here and only here (never in keys, logs or metrics).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+from storage import keys
+from storage.store import ArtifactStore, ObjectNotFound, StoredObject, utc_now_iso
+
+PERSON_STATES = ("queued", "ingesting", "training", "generating", "packaging",
+                 "done", "needs_photos", "failed", "cancelled")
+FINAL_PERSON_STATES = frozenset({"done", "needs_photos", "failed", "cancelled"})
+BATCH_STATES = ("running", "done", "cancelled")
+STAGES = ("ingest", "train", "generate", "package")
+STAGE_OF_STATE = {"ingesting": "ingest", "training": "train", "generating": "generate", "packaging": "package"}
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class PhotoRecord:
+    """One submitted photo and the verdict on it."""
+
+    index: int
+    source: str  # the file name as submitted (state only)
+    accepted: bool
+    reason: str | None = None
+    message: str | None = None
+    key: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "PhotoRecord":
+        return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
+
+
+@dataclass
+class HeadshotRecord:
+    style: str
+    index: int
+    seed: int
+    key: str
+    prompt: str
+    negative_prompt: str
+    seconds: float
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "HeadshotRecord":
+        return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
+
+
+@dataclass
+class PersonState:
+    tenant: str
+    batch_id: str
+    person_id: str
+    name: str
+    email: str | None = None
+    state: str = "queued"
+    stage: str | None = None
+    error: str | None = None
+    attempts: dict[str, int] = field(default_factory=dict)
+    photos: list[PhotoRecord] = field(default_factory=list)
+    objects: list[StoredObject] = field(default_factory=list)
+    headshots: list[HeadshotRecord] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    train_steps_done: int = 0
+    created_at: str = field(default_factory=utc_now_iso)
+    updated_at: str = field(default_factory=utc_now_iso)
+    # When the person reached a final state: the retention clock starts here, never from object times.
+    processed_at: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state not in PERSON_STATES:
+            raise ValueError(f"state must be one of {', '.join(PERSON_STATES)} but is {self.state!r}")
+
+    @property
+    def ref(self) -> keys.PersonRef:
+        return keys.PersonRef(self.tenant, self.batch_id, self.person_id)
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_PERSON_STATES
+
+    @property
+    def photos_accepted(self) -> int:
+        return sum(1 for photo in self.photos if photo.accepted)
+
+    def record_object(self, stored: StoredObject) -> None:
+        """Remember every version written (a rewrite of the same key adds a version, not a replacement)."""
+        self.objects.append(stored)
+
+    def to_json(self) -> dict[str, Any]:
+        document = asdict(self)
+        document["schema_version"] = SCHEMA_VERSION
+        document["objects"] = [item.to_json() for item in self.objects]
+        return document
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "PersonState":
+        values = {name: data.get(name) for name in cls.__dataclass_fields__ if name in data}
+        values["photos"] = [PhotoRecord.from_json(p) for p in data.get("photos", [])]
+        values["objects"] = [StoredObject.from_json(o) for o in data.get("objects", [])]
+        values["headshots"] = [HeadshotRecord.from_json(h) for h in data.get("headshots", [])]
+        values["attempts"] = dict(data.get("attempts") or {})
+        values["timings_s"] = dict(data.get("timings_s") or {})
+        return cls(**values)
+
+    def summary(self) -> dict[str, Any]:
+        """What `status --json` shows: ids and progress, no names."""
+        return {"person_id": self.person_id, "state": self.state, "stage": self.stage,
+                "headshots": len(self.headshots), "photos_accepted": self.photos_accepted,
+                "error": self.error}
+
+
+@dataclass
+class BatchState:
+    tenant: str
+    batch_id: str
+    name: str
+    base_model: str
+    styles: list[str]
+    images_per_style: int
+    person_ids: list[str]
+    state: str = "running"
+    created_at: str = field(default_factory=utc_now_iso)
+    updated_at: str = field(default_factory=utc_now_iso)
+    finished_at: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state not in BATCH_STATES:
+            raise ValueError(f"batch state must be one of {', '.join(BATCH_STATES)} but is {self.state!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        document = asdict(self)
+        document["schema_version"] = SCHEMA_VERSION
+        return document
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "BatchState":
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+
+
+class StateStore:
+    """Reads and writes state documents. Only the coordinator writes person state while a batch runs."""
+
+    def __init__(self, store: ArtifactStore):
+        self.store = store
+
+    def save_batch(self, batch: BatchState) -> StoredObject:
+        batch.updated_at = utc_now_iso()
+        stored = self.store.put_json("state", keys.batch_state_key(batch.tenant, batch.batch_id), batch.to_json())
+        # An index marker per batch: listing batches never walks per-person objects.
+        index_key = keys.batch_index_key(batch.tenant, batch.batch_id)
+        if not self.store.exists("state", index_key):
+            self.store.put("state", index_key, b"", content_type="text/plain")
+        return stored
+
+    def load_batch(self, tenant: str, batch_id: str) -> BatchState:
+        return BatchState.from_json(self.store.get_json("state", keys.batch_state_key(tenant, batch_id)))
+
+    def save_person(self, person: PersonState) -> StoredObject:
+        person.updated_at = utc_now_iso()
+        return self.store.put_json("state", keys.person_state_key(person.ref), person.to_json())
+
+    def load_person(self, tenant: str, batch_id: str, person_id: str) -> PersonState:
+        ref = keys.PersonRef(tenant, batch_id, person_id)
+        return PersonState.from_json(self.store.get_json("state", keys.person_state_key(ref)))
+
+    def load_persons(self, batch: BatchState, *, threads: int = 8) -> list[PersonState]:
+        def load(person_id: str) -> PersonState:
+            return self.load_person(batch.tenant, batch.batch_id, person_id)
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(load, batch.person_ids))
+
+    def list_batches(self, tenant: str | None = None) -> list[tuple[str, str]]:
+        """(tenant, batch_id) of every batch, optionally of one tenant."""
+        prefix = keys.batch_index_prefix(tenant)
+        found = []
+        for key in self.store.list_keys("state", prefix):
+            parts = key[len(keys.batch_index_prefix()):].split("/")
+            if len(parts) == 2:
+                found.append((parts[0], parts[1]))
+        return sorted(found)
+
+    def find_batch(self, batch_id: str, tenant: str | None = None) -> BatchState:
+        """Find a batch by id alone (ids are unique) or with its tenant.
+
+        Raises:
+            ObjectNotFound: no such batch.
+        """
+        if tenant:
+            return self.load_batch(tenant, batch_id)
+        for found_tenant, found_batch in self.list_batches():
+            if found_batch == batch_id:
+                return self.load_batch(found_tenant, found_batch)
+        raise ObjectNotFound(f"no batch with id {batch_id!r}; `headshots status` lists batches",
+                             bucket=self.store.bucket("state"), key=keys.batch_index_prefix())
+
+    def batch_summary(self, batch: BatchState, persons: Iterable[PersonState] | None = None) -> dict[str, Any]:
+        persons = list(persons) if persons is not None else self.load_persons(batch)
+        return {"tenant": batch.tenant, "batch_id": batch.batch_id, "name": batch.name, "state": batch.state,
+                "created_at": batch.created_at, "finished_at": batch.finished_at,
+                "persons": [person.summary() for person in persons]}
+
+
+def is_missing(error: Exception) -> bool:
+    return isinstance(error, ObjectNotFound)
