@@ -96,10 +96,14 @@ class GpuWorker:
         complete_marker.touch()
         return str(target)
 
-    def _resolution(self, pipe) -> int:
-        from pipeline import models
+    def _train_config(self, pipe):
+        from pipeline import finetune, models
 
-        return self.config.training.resolution or models.native_resolution(pipe)
+        training = self.config.training
+        return finetune.TrainConfig(
+            steps=training.steps, rank=training.rank, learning_rate=training.learning_rate,
+            resolution=training.resolution or models.native_resolution(pipe),
+            checkpoint_every=training.checkpoint_every, seed=training.seed)
 
     # --- stages ------------------------------------------------------------------------------------
 
@@ -111,10 +115,7 @@ class GpuWorker:
         pipe = self._pipeline(job.base_model)
         scope = PersonScope(self.store, job.ref)
         result = StageResult()
-        train_config = finetune.TrainConfig(
-            steps=self.config.training.steps, rank=self.config.training.rank,
-            learning_rate=self.config.training.learning_rate, resolution=self._resolution(pipe),
-            checkpoint_every=self.config.training.checkpoint_every, seed=self.config.training.seed)
+        train_config = self._train_config(pipe)
         prompt = finetune.instance_prompt(train_config)
 
         cache_key = keys.training_cache_key(job.ref)
@@ -180,8 +181,7 @@ class GpuWorker:
                 if keys.headshot_key(job.ref, style.name, index, seed, extension) in existing:
                     skip.add((style.name, index))
         lora_bytes = scope.get("models", keys.lora_key(job.ref))
-        train_config = finetune.TrainConfig(instance_token=finetune.TrainConfig().instance_token)
-        subject = f"{train_config.instance_token} {train_config.class_noun}"
+        subject = finetune.instance_subject(self._train_config(pipe))
 
         result = StageResult()
         records = []
@@ -204,7 +204,7 @@ class GpuWorker:
             seed = generate.seed_for(job.person_id, style_name, index)
             records.append({"style": style_name, "index": index, "seed": seed,
                             "key": keys.headshot_key(job.ref, style_name, index, seed, extension),
-                            "prompt": by_name[style_name].prompt.replace("{subject}", subject),
+                            "prompt": by_name[style_name].render_prompt(subject),
                             "negative_prompt": by_name[style_name].negative_prompt, "seconds": 0.0})
         result.details = {"headshots": records, "skipped": sorted(skip), "worker": self.worker_id}
         result.seconds = time.perf_counter() - started

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(args.config)
+        if not config.ray.address:
+            # Before anything imports ray: its token loader reads these once per process.
+            from headshots.stack import ray_auth_environment
+
+            os.environ.update(ray_auth_environment(config))
         return args.handler(args, config)
     except (ConfigError, ManifestError, InvalidId, UsageError) as error:
         print(f"headshots: error: {error}", file=sys.stderr)

@@ -1,0 +1,139 @@
+"""The CLI end to end, as a user runs it: `headshots demo`, then status, download, env, down.
+
+Real processes throughout: the CLI starts the embedded S3 server and a Ray head in the background
+under a temporary $HEADSHOTS_HOME; the finalizer stops them with `headshots down`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from minio import Minio
+
+from pipeline.ingest import has_metadata
+from pipeline.package import TRAINED_ALGORITHMIC_MEDIA, read_digital_source_type
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_PERSONS = {"grace-hopper", "eileen-collins"}
+STYLES, IMAGES_PER_STYLE = ("corporate-grey", "office"), 2
+
+
+def run_cli(home: Path, *args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, HEADSHOTS_HOME=str(home))
+    completed = subprocess.run([sys.executable, "-m", "headshots.cli", *args], env=environment, cwd=home.parent,
+                               capture_output=True, text=True, timeout=timeout)
+    if check and completed.returncode != 0:
+        raise AssertionError(f"headshots {' '.join(args)} exited {completed.returncode}:\n"
+                             f"{completed.stdout}\n{completed.stderr}")
+    return completed
+
+
+@pytest.fixture(scope="module")
+def stack_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("e2e") / "home"
+    yield home
+    run_cli(home, "down", check=False, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def demo(stack_home):
+    output = stack_home.parent / "demo-output"
+    completed = run_cli(stack_home, "demo", "--json", "-o", str(output))
+    return json.loads(completed.stdout)
+
+
+def test_demo_reports_every_person_done_with_headshots(demo):
+    persons = {p["person_id"]: p for p in demo["persons"]}
+    assert set(persons) == DEMO_PERSONS
+    for person in persons.values():
+        assert person["state"] == "done"
+        assert person["headshots"] == len(STYLES) * IMAGES_PER_STYLE
+        assert person["photos_accepted"] >= 4
+    assert demo["tenant"] == "demo" and demo["batch_id"].startswith("demo-team-")
+    assert demo["seconds"] > 0
+
+
+def test_demo_output_folder_has_headshots_sheets_and_manifest(demo):
+    output = Path(demo["output_dir"])
+    manifest = json.loads((output / "manifest.json").read_text())
+    images = [image for person in manifest["persons"] for image in person["images"]]
+    assert len(images) == len(DEMO_PERSONS) * len(STYLES) * IMAGES_PER_STYLE
+    for image in images:
+        path = output / image["file"]
+        assert path.is_file(), f"{image['file']} listed in the manifest but not downloaded"
+        assert {"person", "style", "prompt", "seed", "model", "timings"} <= set(image)
+        assert read_digital_source_type(path.read_bytes()) == TRAINED_ALGORITHMIC_MEDIA
+    assert (output / "contact-sheet.png").is_file()
+    for person in DEMO_PERSONS:
+        assert (output / person / "contact-sheet.png").is_file()
+
+
+def test_store_holds_every_artifact_under_the_key_layout(demo, stack_home):
+    env = json.loads(run_cli(stack_home, "env", "--json").stdout)
+    assert env["ray_address"] and env["metrics_url"].startswith("http://127.0.0.1:")
+    client = Minio(env["s3_endpoint"], access_key=env["access_key"], secret_key=env["secret_key"],
+                   secure=env["secure"])
+    prefix = f"{demo['tenant']}/{demo['batch_id']}/"
+
+    def listed(artifact: str) -> list[str]:
+        return [o.object_name for o in client.list_objects(env["buckets"][artifact], prefix=prefix, recursive=True)]
+
+    outputs = listed("outputs")
+    assert f"{prefix}_batch/manifest.json" in outputs and f"{prefix}_batch/contact-sheet.png" in outputs
+    for person in DEMO_PERSONS:
+        headshots = [k for k in outputs if k.startswith(f"{prefix}{person}/headshots/")]
+        assert len(headshots) == len(STYLES) * IMAGES_PER_STYLE
+        for key in headshots:
+            style, name = key.rsplit("/", 2)[-2:]
+            assert style in STYLES and name.endswith(".png") and name[:3].isdigit() and "-" in name
+        assert f"{prefix}{person}/contact-sheet.png" in outputs
+        assert f"{prefix}{person}/lora/pytorch_lora_weights.safetensors" in listed("models")
+        assert f"{prefix}{person}/state.json" in listed("state")
+    uploads = listed("uploads")
+    assert len(uploads) >= 8
+    for key in uploads:  # the demo includes a photo with GPS EXIF: nothing stored may keep it
+        response = client.get_object(env["buckets"]["uploads"], key)
+        try:
+            assert not has_metadata(response.read()), f"{key} was stored with metadata"
+        finally:
+            response.close()
+
+
+def test_status_json_shapes(demo, stack_home):
+    listing = json.loads(run_cli(stack_home, "status", "--json").stdout)
+    assert any(row["batch_id"] == demo["batch_id"] for row in listing)
+    status = json.loads(run_cli(stack_home, "status", demo["batch_id"], "--json").stdout)
+    assert set(status) == {"tenant", "batch_id", "state", "persons"}
+    assert status["state"] == "done"
+    for person in status["persons"]:
+        assert set(person) >= {"person_id", "state", "stage", "headshots", "error"}
+
+
+def test_download_zip(demo, stack_home, tmp_path):
+    result = json.loads(run_cli(stack_home, "download", demo["batch_id"], "-o", str(tmp_path / "dl"), "--zip",
+                                "--json").stdout)
+    assert Path(result["zip"]).is_file()
+    assert "manifest.json" in result["files"]
+
+
+def test_submit_with_bad_manifest_exits_2_naming_the_field(stack_home, tmp_path):
+    manifest = tmp_path / "team.yaml"
+    manifest.write_text("tenant: acme\nbatch: q3\nstyles: [neon]\npersons:\n  - name: Ada\n    photos: []\n")
+    completed = run_cli(stack_home, "submit", str(manifest), "--json", check=False)
+    assert completed.returncode == 2
+    assert "unknown style 'neon'" in completed.stderr and "corporate-grey" in completed.stderr
+
+
+def test_metrics_endpoint_reports_the_demo(demo, stack_home):
+    import urllib.request
+
+    env = json.loads(run_cli(stack_home, "env", "--json").stdout)
+    text = urllib.request.urlopen(env["metrics_url"], timeout=10).read().decode()
+    done = [line for line in text.splitlines() if line.startswith('headshots_persons{state="done"}')]
+    assert done and float(done[0].split()[-1]) >= len(DEMO_PERSONS)
+    assert "headshots_images_generated_total" in text and "headshots_stage_duration_seconds_bucket" in text

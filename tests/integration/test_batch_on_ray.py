@@ -1,0 +1,120 @@
+"""A whole batch through the real coordinator and GPU-worker actors, on a real local Ray cluster and S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from headshots import client
+from headshots.manifest import BatchManifest, PersonSpec
+from pipeline.package import TRAINED_ALGORITHMIC_MEDIA, read_digital_source_type
+from storage import keys
+from storage.state import StateStore
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo" / "photos"
+STYLES = ["corporate-grey", "office"]
+IMAGES_PER_STYLE = 2
+
+
+@pytest.fixture(scope="module")
+def coordinator(ray_cluster, base_config):
+    from cluster.actors import get_or_create_coordinator
+
+    return get_or_create_coordinator(base_config, metrics_port=None)
+
+
+@pytest.fixture(scope="module")
+def finished_batch(coordinator, base_config, store, tmp_path_factory):
+    """Submit a three-person batch (one person with only an unusable file) and wait for it."""
+    import ray
+
+    junk = tmp_path_factory.mktemp("junk") / "scan.gif"
+    junk.write_bytes(b"GIF89a" + b"\0" * 64)
+    grace = sorted((EXAMPLES / "grace-hopper").iterdir())
+    eileen = sorted((EXAMPLES / "eileen-collins").iterdir())
+    manifest = BatchManifest(
+        tenant="acme-it", name="Integration team", base_model="tiny", styles=STYLES,
+        images_per_style=IMAGES_PER_STYLE,
+        persons=[PersonSpec("grace-hopper", "Grace Hopper", "grace@example.com", grace),
+                 PersonSpec("eileen-collins", "Eileen Collins", None, eileen[:3] + [junk]),
+                 PersonSpec("nobody", "No Photos", None, [junk])])
+    submitted = client.submit_batch(base_config, manifest, start=False)
+    ray.get(coordinator.submit.remote(submitted.tenant, submitted.batch_id))
+    final_state = ray.get(coordinator.wait.remote(submitted.tenant, submitted.batch_id, 600))
+    return submitted, final_state
+
+
+def test_batch_finishes_with_every_person_in_a_final_state(finished_batch, base_config):
+    submitted, final_state = finished_batch
+    assert final_state == "done"
+    status = client.batch_status(base_config, submitted.batch_id)
+    by_person = {p["person_id"]: p for p in status["persons"]}
+    assert by_person["grace-hopper"]["state"] == "done"
+    assert by_person["eileen-collins"]["state"] == "done"
+    assert by_person["nobody"]["state"] == "needs_photos"
+    assert by_person["grace-hopper"]["headshots"] == len(STYLES) * IMAGES_PER_STYLE
+    assert "photo" in by_person["nobody"]["error"]
+
+
+def test_every_expected_object_is_stored_under_the_key_layout(finished_batch, store):
+    submitted, _ = finished_batch
+    states = StateStore(store)
+    batch = states.load_batch(submitted.tenant, submitted.batch_id)
+    for person in states.load_persons(batch):
+        if person.state != "done":
+            assert list(store.list_keys("outputs", person.ref.prefix)) == []
+            continue
+        expected = {keys.headshot_key(person.ref, h.style, h.index, h.seed) for h in person.headshots}
+        assert {(h.style, h.index) for h in person.headshots} == {
+            (style, index) for style in STYLES for index in range(IMAGES_PER_STYLE)}
+        stored_outputs = set(store.list_keys("outputs", person.ref.prefix))
+        assert stored_outputs == expected | {keys.person_contact_sheet_key(person.ref)}
+        assert store.exists("models", keys.lora_key(person.ref))
+        assert list(store.list_keys("derived", person.ref.prefix + "crops/"))
+        for key in expected:
+            assert read_digital_source_type(store.get("outputs", key)) == TRAINED_ALGORITHMIC_MEDIA
+    assert store.exists("outputs", keys.batch_manifest_key(batch.tenant, batch.batch_id))
+    assert store.exists("outputs", keys.batch_contact_sheet_key(batch.tenant, batch.batch_id))
+
+
+def test_state_records_every_stored_version_with_its_checksum(finished_batch, store):
+    submitted, _ = finished_batch
+    states = StateStore(store)
+    batch = states.load_batch(submitted.tenant, submitted.batch_id)
+    person = states.load_person(batch.tenant, batch.batch_id, "grace-hopper")
+    recorded = {(o.bucket, o.key, o.version_id): o for o in person.objects}
+    # Everything of the person in the artifact buckets, every version, must be in the state.
+    for artifact in ("uploads", "derived", "models", "outputs"):
+        for key, version_id, is_marker in store.list_versions(artifact, person.ref.prefix):
+            assert not is_marker
+            entry = recorded.get((store.bucket(artifact), key, version_id))
+            assert entry is not None, f"{artifact}:{key}@{version_id} was written but not recorded in state"
+            data = store.get(artifact, key, version_id=version_id)
+            assert hashlib.sha256(data).hexdigest() == entry.sha256 and len(data) == entry.size
+    # Two checkpoints (every 3 of 6 steps) were written as versions of one key.
+    checkpoints = [o for o in person.objects if o.key == keys.checkpoint_key(person.ref)]
+    assert len(checkpoints) == 2
+
+
+def test_names_and_emails_stay_in_state_documents(finished_batch, store):
+    submitted, _ = finished_batch
+    for artifact in ("uploads", "derived", "models", "outputs"):
+        for key in store.list_keys(artifact, f"{submitted.tenant}/{submitted.batch_id}/"):
+            assert "Grace" not in key and "example.com" not in key
+    # The batch manifest holds ids only.
+    document = store.get("outputs", keys.batch_manifest_key(submitted.tenant, submitted.batch_id)).decode()
+    assert "grace-hopper" in document
+    assert "Grace Hopper" not in document and "grace@example.com" not in document
+
+
+def test_download_writes_per_person_folders(finished_batch, base_config, tmp_path):
+    submitted, _ = finished_batch
+    result = client.download_batch(base_config, submitted.batch_id, tmp_path / "out", as_zip=True)
+    out = Path(result["output_dir"])
+    assert (out / "manifest.json").is_file() and (out / "contact-sheet.png").is_file()
+    assert (out / "grace-hopper" / "contact-sheet.png").is_file()
+    assert len(list((out / "grace-hopper").glob("*/*.png"))) == len(STYLES) * IMAGES_PER_STYLE
+    assert not (out / "nobody").exists()
+    assert Path(result["zip"]).is_file()
