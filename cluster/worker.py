@@ -99,7 +99,7 @@ class GpuWorker:
     def _train_config(self, pipe):
         from pipeline import finetune, models
 
-        training = self.config.training
+        training = self.config.training.resolved(tiny_model=self._base_model == models.TINY_MODEL)
         return finetune.TrainConfig(
             steps=training.steps, rank=training.rank, learning_rate=training.learning_rate,
             resolution=training.resolution or models.native_resolution(pipe),

@@ -109,26 +109,37 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Per-person LoRA fine-tune. Defaults suit the built-in tiny model on a CPU; see README for SD1.5."""
+    """Per-person LoRA fine-tune. 0 means "auto": a profile chosen by base model (see ``resolved``)."""
 
-    steps: int = 30
-    rank: int = 4
-    learning_rate: float = 1e-3
+    steps: int = 0
+    rank: int = 0
+    learning_rate: float = 0.0
     # 0: the base model's native resolution.
     resolution: int = 0
-    checkpoint_every: int = 10
+    checkpoint_every: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require_range("training.steps", self.steps, 1, 100_000)
-        _require_range("training.rank", self.rank, 1, 256)
-        _require_range("training.checkpoint_every", self.checkpoint_every, 1, 100_000)
-        if not (0 < self.learning_rate < 1):
-            raise ConfigError(f"training.learning_rate must be between 0 and 1 but is {self.learning_rate}")
+        _require_range("training.steps", self.steps, 0, 100_000)
+        _require_range("training.rank", self.rank, 0, 256)
+        _require_range("training.checkpoint_every", self.checkpoint_every, 0, 100_000)
+        if not (0 <= self.learning_rate < 1):
+            raise ConfigError(f"training.learning_rate must be 0 (auto) or between 0 and 1 but is {self.learning_rate}")
         if self.resolution and (self.resolution % 8 or not 64 <= self.resolution <= 2048):
             raise ConfigError(
                 f"training.resolution must be 0 (native) or a multiple of 8 in 64..2048 but is {self.resolution}"
             )
+
+    def resolved(self, *, tiny_model: bool) -> "TrainingConfig":
+        """Fill "auto" fields: a few quick steps for the built-in tiny test model, DreamBooth-LoRA
+        settings that suit SD1.5/SDXL otherwise (800 steps, rank 16, 1e-4)."""
+        profile = TINY_TRAINING_PROFILE if tiny_model else MODEL_TRAINING_PROFILE
+        return dataclasses.replace(self, **{name: value for name, value in profile.items()
+                                            if not getattr(self, name)})
+
+
+TINY_TRAINING_PROFILE = {"steps": 30, "rank": 4, "learning_rate": 1e-3, "checkpoint_every": 10}
+MODEL_TRAINING_PROFILE = {"steps": 800, "rank": 16, "learning_rate": 1e-4, "checkpoint_every": 100}
 
 
 @dataclass(frozen=True)

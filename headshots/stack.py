@@ -243,51 +243,73 @@ def connect(config: Config, *, start: bool = False) -> Config:
 
 def down(config: Config) -> dict[str, Any]:
     """Stop the local stack's processes (only ours: other Ray clusters on the machine are left alone)."""
-    from storage.seaweed import stop_process
-
     info = load_info(config)
     stopped: dict[str, Any] = {"s3": False, "ray": False}
     if info is None:
         return stopped
+    import psutil
+
+    ray_processes: list[psutil.Process] = []
+    s3_processes: list[psutil.Process] = []
     if info.ray_started_here and info.ray_temp_dir:
-        stopped["ray"] = _stop_ray(info.ray_temp_dir)
+        ray_processes = _ray_processes(info.ray_temp_dir)
+        stopped["ray"] = bool(ray_processes)
     if info.s3_pid:
-        stop_process(info.s3_pid)
-        stopped["s3"] = True
+        try:
+            s3_processes.append(psutil.Process(info.s3_pid))
+            stopped["s3"] = True
+        except psutil.NoSuchProcess:
+            pass
+    # Ray keeps nothing worth a slow shutdown (all state is in the store); the S3 server gets time
+    # to flush its volumes. Both are signalled at once.
+    _terminate(ray_processes + s3_processes, grace_s=RAY_STOP_GRACE_S)
+    _terminate(s3_processes, grace_s=S3_STOP_GRACE_S)
     info.s3_pid, info.ray_address, info.ray_started_here, info.metrics_port = None, "", False, 0
     _save_info(config, info)
     return stopped
 
 
-def _stop_ray(temp_dir: str) -> bool:
-    """Kill every process of the Ray cluster whose temp dir is ``temp_dir`` (`ray stop` would kill all)."""
+RAY_STOP_GRACE_S = 2.0
+S3_STOP_GRACE_S = 10.0
+
+
+def _ray_processes(temp_dir: str) -> list:
+    """Every process of the Ray cluster whose temp dir is ``temp_dir`` (`ray stop` would kill all clusters)."""
     import psutil
 
-    victims = []
+    roots = []
     for process in psutil.process_iter(["pid", "cmdline"]):
         try:
             cmdline = " ".join(process.info["cmdline"] or [])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         if temp_dir in cmdline and process.pid != os.getpid():
-            victims.append(process)
+            roots.append(process)
     # Workers are children of the raylet and do not name the temp dir: take whole process trees.
-    family = {p.pid: p for p in victims}
-    for process in victims:
+    family = {p.pid: p for p in roots}
+    for process in roots:
         try:
             for child in process.children(recursive=True):
                 family.setdefault(child.pid, child)
         except psutil.NoSuchProcess:
             pass
-    for process in family.values():
+    return list(family.values())
+
+
+def _terminate(processes: list, *, grace_s: float) -> None:
+    """SIGTERM all at once, wait together, SIGKILL whatever is left (SeaweedFS can hang on SIGTERM)."""
+    import psutil
+
+    for process in processes:
         try:
-            process.send_signal(signal.SIGTERM)
+            if process.is_running():
+                process.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(list(family.values()), timeout=10)
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
     for process in alive:
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
-    return bool(family)
+    psutil.wait_procs(alive, timeout=5)

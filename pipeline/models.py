@@ -208,6 +208,69 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     return pipe
 
 
+def build_random_sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """Build a pipeline with SD1.5's real architecture (860M-param UNet, 512 px) and random weights.
+
+    Throughput does not depend on weight values, so benchmarks use this where no real checkpoint can
+    be downloaded. The tokenizer is the character-level one of the tiny model (prompts tokenize; the
+    vocabulary is not CLIP's, which only matters for image content).
+
+    Args:
+        seed: Seed for the random weights; the global torch RNG is left untouched.
+
+    Returns:
+        A float32 CPU pipeline; move it with ``.to(device, dtype)``.
+    """
+    tokenizer = _build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                vocab_size=49408,
+                max_position_embeddings=_TOKENIZER_MAX_LENGTH,
+                hidden_act="quick_gelu",
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DPMSolverMultistepScheduler(**_SD15_SCHEDULE),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """Build an SDXL-shaped pipeline with tiny random weights, to test the SDXL code paths on a CPU.
 

@@ -33,8 +33,15 @@ def test_wrong_type_names_key_and_value(tmp_path):
 
 
 def test_out_of_range_value_names_key_and_range():
-    with pytest.raises(ConfigError, match=r"training.rank must be between 1 and 256 but is 0"):
-        Config.from_dict({"training": {"rank": 0}})
+    with pytest.raises(ConfigError, match=r"training.rank must be between 0 and 256 but is 300"):
+        Config.from_dict({"training": {"rank": 300}})
+
+
+def test_auto_training_profile_depends_on_the_base_model_and_explicit_values_win():
+    training = Config.from_dict({"training": {"steps": 50}}).training
+    tiny, real = training.resolved(tiny_model=True), training.resolved(tiny_model=False)
+    assert (tiny.steps, tiny.rank) == (50, 4)
+    assert (real.steps, real.rank, real.learning_rate) == (50, 16, 1e-4)
 
 
 def test_bad_env_value_names_the_variable():
