@@ -7,4 +7,5 @@ bash scripts/setup.sh
 VENV="${HEADSHOTS_VENV:-.venv}"
 # Tests start and stop their own servers; keep them off the user's real stack.
 export HEADSHOTS_HOME="${HEADSHOTS_TEST_HOME:-$(mktemp -d)/headshots-home}"
+export PATH="$PWD/$VENV/bin:$PATH"
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

