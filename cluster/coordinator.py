@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any, Protocol
 
@@ -108,7 +109,8 @@ class Coordinator:
             await self._save_person(person)
 
     def ping(self) -> dict[str, Any]:
-        return {"metrics_port": self.metrics_port, "batches_running": sum(not t.done() for t in self._batches.values())}
+        return {"metrics_port": self.metrics_port, "pid": os.getpid(),
+                "batches_running": sum(not t.done() for t in self._batches.values())}
 
     # --- batch and person flow -------------------------------------------------------------------
 

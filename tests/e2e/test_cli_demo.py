@@ -137,3 +137,19 @@ def test_metrics_endpoint_reports_the_demo(demo, stack_home):
     done = [line for line in text.splitlines() if line.startswith('headshots_persons{state="done"}')]
     assert done and float(done[0].split()[-1]) >= len(DEMO_PERSONS)
     assert "headshots_images_generated_total" in text and "headshots_stage_duration_seconds_bucket" in text
+
+
+def test_csv_roster_submitted_and_watched_to_the_end(demo, stack_home):
+    completed = run_cli(stack_home, "submit", str(REPO / "examples" / "demo" / "team.csv"), "--tenant", "acme",
+                        "--batch", "CSV team", "--styles", "office", "--images-per-style", "1", "--watch")
+    assert "submitted batch csv-team-" in completed.stdout
+    assert completed.stdout.rstrip().endswith(": done"), completed.stdout[-500:]
+    batch_id = completed.stdout.split("submitted batch ", 1)[1].split()[0]
+    status = json.loads(run_cli(stack_home, "status", batch_id, "--json").stdout)
+    assert status["tenant"] == "acme"
+    assert [(p["state"], p["headshots"]) for p in status["persons"]] == [("done", 1)] * len(DEMO_PERSONS)
+
+
+def test_csv_roster_without_batch_fields_is_refused(stack_home):
+    completed = run_cli(stack_home, "submit", str(REPO / "examples" / "demo" / "team.csv"), check=False)
+    assert completed.returncode == 2 and "--tenant, --batch, --styles" in completed.stderr

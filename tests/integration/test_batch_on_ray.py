@@ -118,3 +118,40 @@ def test_download_writes_per_person_folders(finished_batch, base_config, tmp_pat
     assert len(list((out / "grace-hopper").glob("*/*.png"))) == len(STYLES) * IMAGES_PER_STYLE
     assert not (out / "nobody").exists()
     assert Path(result["zip"]).is_file()
+
+
+def test_a_killed_coordinator_restarts_and_finishes_the_batch(coordinator, base_config, store):
+    """Kill the coordinator mid-batch: Ray restarts it, it reads the state back and carries on."""
+    import time
+
+    import ray
+
+    from storage.state import StateStore
+
+    photos = sorted((EXAMPLES / "eileen-collins").iterdir())[:3]
+    manifest = BatchManifest(tenant="acme-restart", name="Restart team", base_model="tiny", styles=["office"],
+                             images_per_style=1,
+                             persons=[PersonSpec(f"p{i}", f"Person {i}", None, photos) for i in range(3)])
+    submitted = client.submit_batch(base_config, manifest, start=False)
+    ray.get(coordinator.submit.remote(submitted.tenant, submitted.batch_id))
+    states = StateStore(store)
+    batch = states.load_batch(submitted.tenant, submitted.batch_id)
+    deadline = time.monotonic() + 120
+    while not any(p.state in ("training", "generating") for p in states.load_persons(batch)):
+        assert time.monotonic() < deadline, "no person reached training"
+        time.sleep(0.3)
+    pid_before = ray.get(coordinator.ping.remote())["pid"]
+    ray.kill(coordinator, no_restart=False)
+
+    deadline = time.monotonic() + 300
+    while states.load_batch(submitted.tenant, submitted.batch_id).state == "running":
+        assert time.monotonic() < deadline, "the restarted coordinator did not finish the batch"
+        time.sleep(1)
+    persons = states.load_persons(batch)
+    assert [p.state for p in persons] == ["done"] * 3
+    for person in persons:
+        assert len(person.headshots) == 1
+        assert set(store.list_keys("outputs", person.ref.prefix + "headshots/")) == {person.headshots[0].key}
+    # It really was a new process that finished the batch, answering under the same name.
+    after = ray.get(coordinator.ping.remote())
+    assert after["pid"] != pid_before and after["batches_running"] == 0
