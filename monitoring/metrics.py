@@ -13,7 +13,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 STAGE_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 PERSON_STATES = ("queued", "ingesting", "training", "generating", "packaging",
-                 "done", "needs_photos", "failed", "cancelled")
+                 "done", "needs_photos", "failed", "cancelled", "deleted")
+ARTIFACT_CLASSES = ("uploads", "derived", "models", "outputs", "state", "receipts")
+SWEEP_BUCKETS_S = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
+DELETION_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,48 @@ def create_pipeline_metrics(registry: CollectorRegistry) -> PipelineMetrics:
         batches_submitted_total=Counter("headshots_batches_submitted_total", "Batches submitted.",
                                         registry=registry),
     )
+
+
+@dataclass(frozen=True)
+class RetentionMetrics:
+    objects_deleted_total: Counter
+    bytes_deleted_total: Counter
+    overdue_objects: Gauge
+    sweep_duration_seconds: Histogram
+    last_success_timestamp_seconds: Gauge
+    deletion_requests_total: Counter
+    deletion_request_duration_seconds: Histogram
+
+
+def create_retention_metrics(registry: CollectorRegistry) -> RetentionMetrics:
+    """The privacy promises, measured: what retention deleted, and what is overdue (should be 0)."""
+    metrics = RetentionMetrics(
+        objects_deleted_total=Counter("retention_objects_deleted_total",
+                                      "Object versions and delete markers deleted by retention and requests.",
+                                      ["artifact"], registry=registry),
+        bytes_deleted_total=Counter("retention_bytes_deleted_total", "Bytes of object versions deleted.",
+                                    ["artifact"], registry=registry),
+        overdue_objects=Gauge("retention_overdue_objects",
+                              "Object versions past their retention and still present (privacy SLO: 0).",
+                              ["artifact"], registry=registry),
+        sweep_duration_seconds=Histogram("retention_sweep_duration_seconds", "Wall time of one retention sweep.",
+                                         buckets=SWEEP_BUCKETS_S, registry=registry),
+        last_success_timestamp_seconds=Gauge("retention_last_success_timestamp_seconds",
+                                             "Unix time the last sweep finished successfully.", registry=registry),
+        deletion_requests_total=Counter("deletion_requests_total", "Early deletion requests, by outcome.",
+                                        ["status"], registry=registry),
+        deletion_request_duration_seconds=Histogram("deletion_request_duration_seconds",
+                                                    "Wall time from request to receipt.",
+                                                    buckets=DELETION_BUCKETS_S, registry=registry),
+    )
+    # Known label values exist from the start, so dashboards show 0 rather than "no data".
+    for artifact in ARTIFACT_CLASSES:
+        metrics.objects_deleted_total.labels(artifact=artifact)
+        metrics.bytes_deleted_total.labels(artifact=artifact)
+        metrics.overdue_objects.labels(artifact=artifact).set(0)
+    for status in ("succeeded", "failed"):
+        metrics.deletion_requests_total.labels(status=status)
+    return metrics
 
 
 def serve_metrics(registry: CollectorRegistry, *, host: str, port: int) -> int:

@@ -14,9 +14,9 @@ from storage import keys
 from storage.store import ArtifactStore, ObjectNotFound, StoredObject, utc_now_iso
 
 PERSON_STATES = ("queued", "ingesting", "training", "generating", "packaging",
-                 "done", "needs_photos", "failed", "cancelled")
-FINAL_PERSON_STATES = frozenset({"done", "needs_photos", "failed", "cancelled"})
-BATCH_STATES = ("running", "done", "cancelled")
+                 "done", "needs_photos", "failed", "cancelled", "deleted")
+FINAL_PERSON_STATES = frozenset({"done", "needs_photos", "failed", "cancelled", "deleted"})
+BATCH_STATES = ("running", "done", "cancelled", "deleted")
 STAGES = ("ingest", "train", "generate", "package")
 STAGE_OF_STATE = {"ingesting": "ingest", "training": "train", "generating": "generate", "packaging": "package"}
 SCHEMA_VERSION = 1
@@ -58,7 +58,7 @@ class PersonState:
     tenant: str
     batch_id: str
     person_id: str
-    name: str
+    name: str | None  # None once the state is a tombstone
     email: str | None = None
     state: str = "queued"
     stage: str | None = None
@@ -73,6 +73,14 @@ class PersonState:
     updated_at: str = field(default_factory=utc_now_iso)
     # When the person reached a final state: the retention clock starts here, never from object times.
     processed_at: str | None = None
+    # A person waiting for photos expires counting from its last upload.
+    last_upload_at: str | None = None
+    # Who consented, when, to which policy version and purpose (photos are accepted only with one).
+    consent: dict[str, Any] | None = None
+    # What retention has already deleted (classes, times), and the receipts that prove it.
+    retention: dict[str, Any] = field(default_factory=dict)
+    receipt_ids: list[str] = field(default_factory=list)
+    tombstoned_at: str | None = None
 
     def __post_init__(self) -> None:
         if self.state not in PERSON_STATES:
@@ -107,6 +115,8 @@ class PersonState:
         values["objects"] = [StoredObject.from_json(o) for o in data.get("objects", [])]
         values["headshots"] = [HeadshotRecord.from_json(h) for h in data.get("headshots", [])]
         values["attempts"] = dict(data.get("attempts") or {})
+        values["retention"] = dict(data.get("retention") or {})
+        values["receipt_ids"] = list(data.get("receipt_ids") or [])
         values["timings_s"] = dict(data.get("timings_s") or {})
         return cls(**values)
 
