@@ -16,7 +16,9 @@ Both paths follow the same order for a person:
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Protocol
@@ -30,6 +32,7 @@ from storage.retention import (EXPIRING_CLASSES, RECHECK_UNPROCESSED, RetentionP
 from storage.store import ArtifactStore, utc_now_iso
 
 ENCRYPTED_CLASSES = ("uploads", "derived", "models")
+SWEEP_THREADS = 8
 
 
 class KeyDestroyer(Protocol):
@@ -69,7 +72,8 @@ def _person_json(person: keys.PersonRef) -> dict[str, str]:
 def _delete_person(store: ArtifactStore, person: keys.PersonRef, *, classes: list[str], receipt: Receipt,
                    document: dict[str, Any] | None, due: dict[str, str], key_store: KeyDestroyer | None,
                    destroy_key: bool, dry_run: bool, intent_keys: list[str] | None = None,
-                   planned: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                   planned: list[dict[str, Any]] | None = None,
+                   lock: threading.Lock | None = None) -> list[dict[str, Any]]:
     """Delete one person's classes; returns receipt entries for every version removed.
 
     Before anything is deleted, the full list of versions is written as an intent. If the process dies
@@ -84,13 +88,18 @@ def _delete_person(store: ArtifactStore, person: keys.PersonRef, *, classes: lis
         planned.extend(item.to_json() for item in listed)
     if dry_run:
         return planned
+    lock = lock or threading.Lock()
     if intent_keys is not None:
-        intent_keys.append(write_intent(store, receipt.receipt_id, person, {
+        intent_key = write_intent(store, receipt.receipt_id, person, {
             **_person_json(person), "receipt_id": receipt.receipt_id, "kind": receipt.kind, "classes": classes,
-            "due": due, "destroy_key": destroy_key, "versions": planned}))
+            "due": due, "destroy_key": destroy_key, "versions": planned})
+        with lock:
+            intent_keys.append(intent_key)
     if destroy_key and key_store is not None:
         # Keys first: if anything below fails half-way, what remains is already unreadable.
-        receipt.keys_destroyed.append({**_person_json(person), **key_store.destroy(person)})
+        destroyed = {**_person_json(person), **key_store.destroy(person)}
+        with lock:
+            receipt.keys_destroyed.append(destroyed)
     entries: dict[tuple[str, str, str | None], dict[str, Any]] = {}
     for artifact in classes:
         removed, _ = purge_prefix(store, artifact, person.prefix, recorded=recorded, due=due.get(artifact))
@@ -103,13 +112,11 @@ def _delete_person(store: ArtifactStore, person: keys.PersonRef, *, classes: lis
 
 
 def _verify(store: ArtifactStore, persons_classes: Iterable[tuple[keys.PersonRef, list[str]]]) -> dict[str, Any]:
-    remaining = 0
-    checked = 0
-    for person, classes in persons_classes:
-        for artifact in classes:
-            checked += 1
-            remaining += count_versions(store, artifact, person.prefix)
-    return {"listing_count": remaining, "prefixes_listed": checked, "verified_at": utc_now_iso()}
+    """List every deleted prefix again, after everything: the count must be 0."""
+    listings = [(artifact, person.prefix) for person, classes in persons_classes for artifact in classes]
+    with ThreadPoolExecutor(max_workers=SWEEP_THREADS) as pool:
+        remaining = sum(pool.map(lambda item: count_versions(store, *item), listings))
+    return {"listing_count": remaining, "prefixes_listed": len(listings), "verified_at": utc_now_iso()}
 
 
 def _record_retention(document: dict[str, Any], classes: list[str], receipt_id: str, now: datetime) -> dict[str, Any]:
@@ -128,7 +135,7 @@ def _record_retention(document: dict[str, Any], classes: list[str], receipt_id: 
 
 def run_sweep(store: ArtifactStore, policy: RetentionPolicy, *, now: datetime | None = None,
               key_store: KeyDestroyer | None = None, hooks: DeletionHooks | None = None, dry_run: bool = False,
-              requested_by: str = "retention-controller") -> SweepResult:
+              requested_by: str = "retention-controller", threads: int = SWEEP_THREADS) -> SweepResult:
     """One sweep as of ``now`` (the controller's injectable clock). Idempotent; safe to repeat.
 
     Returns:
@@ -175,26 +182,29 @@ def run_sweep(store: ArtifactStore, policy: RetentionPolicy, *, now: datetime | 
                     replace_with_tombstone(store, person, updated, receipt_id=receipt.receipt_id)
             touched.append((person, classes))
 
-    # 2. Everything the index says is due by now.
-    for entry in due_entries(store, now):
+    # 2. Everything the index says is due by now, several persons at a time (deletion is I/O-bound).
+    lock = threading.Lock()
+    swept: list[keys.PersonRef] = []
+
+    def sweep_entry(entry) -> None:
+        nonlocal count
         person = entry.person
         document = read_person_document(store, person)
         if document is None:
             # Uploads whose batch was never committed (a crashed submit): due by the entry's own date.
             entry_document = store.get_json("state", entry.key)
             if parse_time(entry_document["due"]) > now:
-                continue
+                return
             classes = [a for a in EXPIRING_CLASSES if count_versions(store, a, person.prefix)]
             due = {a: entry_document["due"] for a in classes}
-            document = {}
-            pending = []
+            document, pending = {}, []
         else:
             start = clock_start(document)
             if start is None:
                 if not dry_run:
                     file_person(store, person, now + RECHECK_UNPROCESSED, reason="not processed yet")
                     remove_entry(store, entry.key)
-                continue
+                return
             due_times = policy.due_times(person.tenant, start)
             already = set((document.get("retention") or {}).get("deleted_classes", []))
             classes = [a for a, t in due_times.items() if t <= now and a not in already]
@@ -203,28 +213,42 @@ def run_sweep(store: ArtifactStore, policy: RetentionPolicy, *, now: datetime | 
         if classes:
             remaining_encrypted = set(ENCRYPTED_CLASSES) - set(classes) - set(
                 (document.get("retention") or {}).get("deleted_classes", []))
-            destroy_key = not remaining_encrypted
             deleted = _delete_person(store, person, classes=classes, receipt=receipt, document=document, due=due,
-                                     key_store=key_store, destroy_key=destroy_key, dry_run=dry_run,
-                                     intent_keys=intent_keys)
-            receipt.objects.extend(deleted)
-            receipt.persons.append(_person_json(person))
-            touched.append((person, classes))
-            if not dry_run:
-                receipt.worker_purges.extend(hooks.purge_workers([person]))
-                if document:
-                    updated = _record_retention(document, classes, receipt.receipt_id, now)
-                    replace_with_tombstone(store, person, updated, receipt_id=receipt.receipt_id)
+                                     key_store=key_store, destroy_key=not remaining_encrypted, dry_run=dry_run,
+                                     intent_keys=intent_keys, lock=lock)
+            with lock:
+                receipt.objects.extend(deleted)
+                receipt.persons.append(_person_json(person))
+                touched.append((person, classes))
+                swept.append(person)
+            if not dry_run and document:
+                updated = _record_retention(document, classes, receipt.receipt_id, now)
+                replace_with_tombstone(store, person, updated, receipt_id=receipt.receipt_id)
         if not dry_run:
-            next_due = min(pending) if document and pending else None
+            next_due = min(pending) if pending else None
             if next_due is not None:
                 new_key = file_person(store, person, next_due, reason="next class due")
                 if new_key != entry.key:
                     remove_entry(store, entry.key)
             else:
                 remove_entry(store, entry.key)
-        count += 1
-        hooks.after_person(count)
+        with lock:
+            count += 1
+            done = count
+        hooks.after_person(done)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        futures = [pool.submit(sweep_entry, entry) for entry in due_entries(store, now)]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            # Stop taking on persons; those already started finish or leave intents for the next sweep.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    if swept and not dry_run:
+        # Every GPU worker drops whatever it still holds of these persons, and confirms.
+        receipt.worker_purges.extend(hooks.purge_workers(swept))
 
     # 3. Receipts past their own retention (they hold ids only, but they do not live forever).
     if not dry_run:
