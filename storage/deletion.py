@@ -60,8 +60,8 @@ def list_all_versions(store: ArtifactStore, artifact: str, prefix: str) -> list[
 
 def purge_prefix(store: ArtifactStore, artifact: str, prefix: str, *,
                  recorded: Mapping[tuple[str, str, str | None], Mapping[str, Any]] | None = None,
-                 due: str | None = None, dry_run: bool = False,
-                 exclude: frozenset[str] = frozenset()) -> tuple[list[DeletedVersion], int]:
+                 due: str | None = None, dry_run: bool = False, exclude: frozenset[str] = frozenset(),
+                 listed: list[tuple[str, str | None, bool, int]] | None = None) -> tuple[list[DeletedVersion], int]:
     """Delete every version and delete marker under ``prefix`` in one artifact bucket.
 
     Args:
@@ -70,6 +70,7 @@ def purge_prefix(store: ArtifactStore, artifact: str, prefix: str, *,
         due: when these versions fell due (for the receipt).
         dry_run: list what would go, delete nothing.
         exclude: keys to leave alone (e.g. the tombstone being kept).
+        listed: a complete listing the caller just made (saves the first listing round).
 
     Returns:
         (what was deleted, versions still listed afterwards — 0 unless dry_run).
@@ -83,7 +84,11 @@ def purge_prefix(store: ArtifactStore, artifact: str, prefix: str, *,
     recorded = recorded or {}
     deleted: list[DeletedVersion] = []
     for round_number in range(VERIFY_ROUNDS):
-        versions = [v for v in list_all_versions(store, artifact, prefix) if v[0] not in exclude]
+        if round_number == 0 and listed is not None:
+            versions = [v for v in listed if v[0] not in exclude]
+        else:
+            # After deleting, this listing is the verification: the loop ends only when it is empty.
+            versions = [v for v in list_all_versions(store, artifact, prefix) if v[0] not in exclude]
         if not versions:
             return deleted, 0
         if dry_run:

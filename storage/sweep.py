@@ -24,7 +24,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Protocol
 
 from storage import keys
-from storage.deletion import count_versions, purge_prefix, recorded_index, replace_with_tombstone
+from storage.deletion import (count_versions, list_all_versions, purge_prefix, recorded_index,
+                              replace_with_tombstone)
 from storage.receipts import (RECEIPTS_PREFIX, Receipt, new_receipt_id, pending_intents, receipt_exists, remove_keys,
                               save_receipt, write_intent)
 from storage.retention import (EXPIRING_CLASSES, RECHECK_UNPROCESSED, RetentionPolicy, clock_start, due_entries,
@@ -82,10 +83,12 @@ def _delete_person(store: ArtifactStore, person: keys.PersonRef, *, classes: lis
     """
     recorded = recorded_index((document or {}).get("objects", []))
     planned = list(planned or [])
+    listings = {}
     for artifact in classes:
-        listed, _ = purge_prefix(store, artifact, person.prefix, recorded=recorded, due=due.get(artifact),
-                                 dry_run=True)
-        planned.extend(item.to_json() for item in listed)
+        listings[artifact] = list_all_versions(store, artifact, person.prefix)
+        bucket = store.bucket(artifact)
+        planned.extend(_planned_entry(artifact, bucket, version, recorded, due.get(artifact))
+                       for version in listings[artifact])
     if dry_run:
         return planned
     lock = lock or threading.Lock()
@@ -102,13 +105,23 @@ def _delete_person(store: ArtifactStore, person: keys.PersonRef, *, classes: lis
             receipt.keys_destroyed.append(destroyed)
     entries: dict[tuple[str, str, str | None], dict[str, Any]] = {}
     for artifact in classes:
-        removed, _ = purge_prefix(store, artifact, person.prefix, recorded=recorded, due=due.get(artifact))
+        # purge_prefix deletes what was listed, then lists again until nothing is left.
+        removed, _ = purge_prefix(store, artifact, person.prefix, recorded=recorded, due=due.get(artifact),
+                                  listed=listings[artifact])
         for item in removed:
             entries[(item.bucket, item.key, item.version_id)] = item.to_json()
     now = utc_now_iso()
     for item in planned:  # listed before, gone now (verified below): deleted by this or the dead run
         entries.setdefault((item["bucket"], item["key"], item["version_id"]), {**item, "deleted_at": now})
     return list(entries.values())
+
+
+def _planned_entry(artifact: str, bucket: str, version, recorded, due: str | None) -> dict[str, Any]:
+    key, version_id, is_marker, size = version
+    record = recorded.get((bucket, key, version_id))
+    return {"artifact": artifact, "bucket": bucket, "key": key, "version_id": version_id,
+            "delete_marker": is_marker, "size": int(record["size"]) if record else size,
+            "sha256": record["sha256"] if record else None, "due": due, "deleted_at": ""}
 
 
 def _verify(store: ArtifactStore, persons_classes: Iterable[tuple[keys.PersonRef, list[str]]]) -> dict[str, Any]:
