@@ -17,10 +17,17 @@ import ray
 
 from cluster.coordinator import Coordinator
 from cluster.jobs import PersonJob, StageResult
+from cluster.retention import RetentionController
 from cluster.worker import GpuWorker
+from storage.crypto import key_store_for
+from storage.store import ArtifactStore
+from storage.sweep import DeletionHooks
 
 COORDINATOR_NAME = "headshots-coordinator"
+RETENTION_NAME = "headshots-retention"
 GPU_WORKER_PREFIX = "headshots-gpu-"
+# Deletion waits at most this long for workers to confirm their purge.
+PURGE_TIMEOUT_S = 60
 ACTOR_TASK_RETRIES = 2
 logger = logging.getLogger(__name__)
 
@@ -32,8 +39,9 @@ def ingest_task(config, job: PersonJob) -> StageResult:
     from cluster.stages import run_ingest
     from storage.store import ArtifactStore
 
-    return run_ingest(ArtifactStore.from_config(config.store), job,
-                      training_resolution=config.training.resolution)
+    store = ArtifactStore.from_config(config.store)
+    return run_ingest(store, job, training_resolution=config.training.resolution,
+                      key_store=key_store_for(config, store))
 
 
 @ray.remote(num_cpus=1, max_retries=2)
@@ -110,6 +118,10 @@ class RayWorkerPool:
     async def package_batch(self, **fields: Any) -> StageResult:
         return await package_batch_task.remote(self.config, fields)
 
+    async def revoke(self, prefixes: list[str]) -> list[dict[str, Any]]:
+        """Tell every worker (busy or not) to refuse any further step or write for these persons."""
+        return list(await asyncio.gather(*(worker.revoke.remote(prefixes) for worker in self.workers)))
+
 
 def start_gpu_workers(config, *, namespace: str) -> list:
     """Get or create one worker actor per GPU (names make this idempotent across coordinator restarts)."""
@@ -122,9 +134,23 @@ def start_gpu_workers(config, *, namespace: str) -> list:
         workers.append(actor_class(
             name=f"{GPU_WORKER_PREFIX}{index}", namespace=namespace, lifetime="detached", get_if_exists=True,
             num_gpus=1, num_cpus=0, max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES,
-            max_concurrency=1,
+            # >1: revoke/purge must reach a worker while it is busy with a stage (the pool never
+            # gives one worker two stages at once).
+            max_concurrency=4,
         ).remote(config, f"gpu-{index}", namespace))
     return workers
+
+
+def existing_gpu_workers(namespace: str) -> list:
+    """Handles of every GPU worker actor that exists (named ``headshots-gpu-0``, ``-1``, ...)."""
+    workers = []
+    index = 0
+    while True:
+        try:
+            workers.append(ray.get_actor(f"{GPU_WORKER_PREFIX}{index}", namespace=namespace))
+        except ValueError:
+            return workers
+        index += 1
 
 
 class CoordinatorActor(Coordinator):
@@ -137,6 +163,59 @@ class CoordinatorActor(Coordinator):
         # (A thread, because __init__ has no event loop; start() is idempotent.)
         own_handle = ray.get_runtime_context().current_actor
         threading.Thread(target=lambda: own_handle.start.remote(), daemon=True).start()
+
+
+class RetentionControllerActor(RetentionController):
+    """The retention controller, reaching the coordinator and the GPU workers through Ray."""
+
+    def __init__(self, config, metrics_port: int | None, namespace: str):
+        self._namespace = namespace
+        hooks = DeletionHooks(stop_persons=self._stop_persons, purge_workers=self._purge_workers,
+                              repackage_batch=self._repackage_batch)
+        store = ArtifactStore.from_config(config.store)
+        super().__init__(config, hooks=hooks, metrics_port=metrics_port, key_store=key_store_for(config, store))
+        # Sweep at start-up and after every restart (Ray re-runs only __init__).
+        own_handle = ray.get_runtime_context().current_actor
+        threading.Thread(target=lambda: own_handle.start.remote(), daemon=True).start()
+
+    def _stop_persons(self, persons) -> None:
+        try:
+            coordinator = ray.get_actor(COORDINATOR_NAME, namespace=self._namespace)
+        except ValueError:
+            return  # no coordinator: nothing is running
+        ray.get(coordinator.stop_persons.remote(
+            [{"tenant": p.tenant, "batch_id": p.batch_id, "person_id": p.person_id} for p in persons]))
+
+    def _purge_workers(self, persons) -> list[dict[str, Any]]:
+        prefixes = [p.prefix for p in persons]
+        workers = existing_gpu_workers(self._namespace)
+        return ray.get([worker.purge.remote(prefixes) for worker in workers], timeout=PURGE_TIMEOUT_S)
+
+    def _repackage_batch(self, tenant: str, batch_id: str) -> None:
+        from storage.state import StateStore
+
+        states = StateStore(self.store)
+        batch = states.load_batch(tenant, batch_id)
+        persons = [p for p in states.load_persons(batch) if p.headshots]
+        if persons:
+            ray.get(package_batch_task.remote(self.config, {
+                "tenant": tenant, "batch_id": batch_id, "batch_name": batch.name, "base_model": batch.base_model,
+                "persons": [{"person_id": p.person_id, "state": p.state, "headshots": [vars(h) for h in p.headshots],
+                             "timings_s": p.timings_s} for p in persons]}))
+
+
+def get_or_create_retention_controller(config, *, metrics_port: int | None):
+    """The running retention controller, created if absent. Call after ``ray.init``."""
+    namespace = config.ray.namespace
+    try:
+        return ray.get_actor(RETENTION_NAME, namespace=namespace)
+    except ValueError:
+        handle = ray.remote(RetentionControllerActor).options(
+            name=RETENTION_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
+            num_cpus=0, max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES, max_concurrency=4,
+        ).remote(config, metrics_port, namespace)
+        ray.get(handle.ping.remote())
+        return handle
 
 
 def get_or_create_coordinator(config, *, metrics_port: int | None):

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from cluster.jobs import PersonJob, StageResult
 from monitoring.metrics import PERSON_STATES, create_pipeline_metrics, serve_metrics
+from storage.retention import file_person, load_policy, parse_time
 from storage.state import BatchState, HeadshotRecord, PersonState, StateStore
 from storage.store import ArtifactStore, StoredObject, utc_now_iso
 
@@ -41,6 +42,7 @@ class WorkerPool(Protocol):
     async def generate(self, job: PersonJob) -> StageResult: ...
     async def package_person(self, job: PersonJob, headshots: list[dict[str, Any]]) -> StageResult: ...
     async def package_batch(self, **fields: Any) -> StageResult: ...
+    async def revoke(self, prefixes: list[str]) -> list[dict[str, Any]]: ...
 
 
 class PermanentStageError(Exception):
@@ -69,6 +71,10 @@ class Coordinator:
         self._batches: dict[tuple[str, str], asyncio.Task] = {}
         self._persons: dict[tuple[str, str, str], PersonState] = {}
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+        self._person_tasks: dict[tuple[str, str, str], asyncio.Task] = {}
+        # Persons being deleted: nothing more is run or written for them.
+        self._stopped: set[tuple[str, str, str]] = set()
+        self.policy = load_policy(config.retention.policy_file or None)
         self._started = False
 
     # --- public calls ----------------------------------------------------------------------------
@@ -103,10 +109,28 @@ class Coordinator:
         """A worker wrote these versions: remember them in the person's state right away."""
         key = (job["tenant"], job["batch_id"], job["person_id"])
         person = self._persons.get(key)
-        if person is None:
-            return  # not ours (an old batch's late report); the stage result carries them again
+        if person is None or person.is_final or key in self._stopped:
+            # Not ours, already final (its state may be a tombstone by now), or being deleted.
+            return
         if self._add_objects(person, [StoredObject.from_json(o) for o in objects]):
             await self._save_person(person)
+
+    async def stop_persons(self, persons: list[dict[str, str]], timeout_s: float = 45.0) -> dict[str, Any]:
+        """Stop these persons for deletion: no stage of theirs runs or writes anything after this returns.
+
+        Workers are told first (their next write or training step refuses), then the persons' runs
+        are awaited, so any write already in flight has landed before the caller lists and deletes.
+        """
+        wanted = [(p["tenant"], p["batch_id"], p["person_id"]) for p in persons]
+        self._stopped.update(wanted)
+        confirmations = await self.pool.revoke([f"{t}/{b}/{p}/" for t, b, p in wanted])
+        running = [self._person_tasks[key] for key in wanted
+                   if key in self._person_tasks and not self._person_tasks[key].done()]
+        if running:
+            await asyncio.wait(running, timeout=timeout_s)
+        still_running = sum(not task.done() for task in running)
+        return {"stopped": len(wanted), "were_running": len(running), "still_running": still_running,
+                "workers": confirmations}
 
     def ping(self) -> dict[str, Any]:
         return {"metrics_port": self.metrics_port, "pid": os.getpid(),
@@ -128,14 +152,20 @@ class Coordinator:
             for person in persons:
                 self._persons[(tenant, batch_id, person.person_id)] = person
             self._update_person_gauge()
-            await asyncio.gather(*(self._run_person(batch, person) for person in persons))
-            await self._finish_batch(batch, persons)
+            tasks = []
+            for person in persons:
+                task = asyncio.get_running_loop().create_task(self._run_person(batch, person))
+                self._person_tasks[(tenant, batch_id, person.person_id)] = task
+                tasks.append(task)
+            await asyncio.gather(*tasks)
+            await self._finish_batch(batch)
         except Exception:
             logger.exception("batch %s/%s stopped on an unexpected error; it resumes on restart", tenant, batch_id)
             raise
 
     async def _run_person(self, batch: BatchState, person: PersonState) -> None:
-        while not person.is_final:
+        key = (person.tenant, person.batch_id, person.person_id)
+        while not person.is_final and key not in self._stopped:
             if person.state == "queued":
                 await self._transition(person, "ingesting")
                 continue
@@ -150,6 +180,8 @@ class Coordinator:
                 self.metrics.stage_duration_seconds.labels(stage=stage).observe(elapsed)
                 await self._transition(person, next_state)
             except Exception as error:
+                if key in self._stopped:
+                    return  # deleted mid-stage: the worker refused to go on, as asked
                 self.metrics.stage_errors_total.labels(stage=stage).inc()
                 cause = _root_cause(error)
                 permanent = isinstance(cause, (PermanentStageError, ValueError, PermissionError))
@@ -200,10 +232,12 @@ class Coordinator:
             return "done"
         raise AssertionError(f"unknown stage {stage}")
 
-    async def _finish_batch(self, batch: BatchState, persons: list[PersonState]) -> None:
+    async def _finish_batch(self, batch: BatchState) -> None:
         batch = await asyncio.to_thread(self.states.load_batch, batch.tenant, batch.batch_id)
         if batch.state != "running":
-            return  # cancelled while we worked
+            return  # cancelled or deleted while we worked
+        # Read back from the store: persons deleted meanwhile are tombstones now.
+        persons = await asyncio.to_thread(self.states.load_persons, batch)
         await self.pool.package_batch(
             tenant=batch.tenant, batch_id=batch.batch_id, batch_name=batch.name, base_model=batch.base_model,
             persons=[{"person_id": p.person_id, "state": p.state, "headshots": [vars(h) for h in p.headshots],
@@ -214,10 +248,15 @@ class Coordinator:
         logger.info("batch %s/%s done", batch.tenant, batch.batch_id)
 
     async def _transition(self, person: PersonState, state: str) -> None:
+        if (person.tenant, person.batch_id, person.person_id) in self._stopped:
+            return
         person.state = state
         person.stage = STAGE_BY_STATE.get(state)
         if person.is_final:
             person.processed_at = utc_now_iso()
+            # File the person in the expiry index before the state says "processed": a crash between
+            # the two leaves an entry the sweep re-files, never a processed person nobody will expire.
+            await asyncio.to_thread(index_processed_person, self.store, self.policy, person)
         if state == "done":
             person.error = None
         await self._save_person(person)
@@ -227,6 +266,8 @@ class Coordinator:
         key = (person.tenant, person.batch_id, person.person_id)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
+            if key in self._stopped:
+                return  # the deletion owns this person's state now
             # Snapshot inside the lock so two saves can never land out of order.
             snapshot = PersonState.from_json(person.to_json())
             await asyncio.to_thread(self.states.save_person, snapshot)
@@ -247,6 +288,14 @@ class Coordinator:
             counts[person.state] += 1
         for state, count in counts.items():
             self.metrics.persons.labels(state=state).set(count)
+
+
+def index_processed_person(store: ArtifactStore, policy, person: PersonState) -> None:
+    """File a processed person under the day its first artifact class falls due."""
+    clock = person.last_upload_at if person.state == "needs_photos" and person.last_upload_at else person.processed_at
+    due = policy.due_times(person.tenant, parse_time(clock))
+    if due:
+        file_person(store, person.ref, min(due.values()), reason=f"processed: {person.state}")
 
 
 def _root_cause(error: BaseException) -> BaseException:

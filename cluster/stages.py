@@ -17,6 +17,7 @@ from PIL import Image
 from cluster.jobs import PersonJob, StageResult
 from pipeline import ingest, package
 from storage import keys
+from storage.crypto import PersonKeyStore
 from storage.scoped import PersonScope
 from storage.store import ArtifactStore, utc_now_iso
 
@@ -28,18 +29,26 @@ def crop_resolution(training_resolution: int) -> int:
     return max(training_resolution, CROP_RESOLUTION_PX)
 
 
-def run_ingest(store: ArtifactStore, job: PersonJob, *, training_resolution: int) -> StageResult:
+def run_ingest(store: ArtifactStore, job: PersonJob, *, training_resolution: int,
+               key_store: PersonKeyStore | None = None) -> StageResult:
     """Make training crops from a person's (already sanitized) uploads.
 
     Uploads were stripped of metadata at the edge, before they were stored; here each is decoded
     again (a stored object is still untrusted input) and cropped square.
+
+    Args:
+        store: the artifact store.
+        job: the person.
+        training_resolution: the fine-tune's resolution (0: native); crops are at least this size.
+        key_store: the person's data keys, when person artifacts are encrypted
+            (:func:`storage.crypto.key_store_for`); uploads are read and crops written with their key.
 
     Returns:
         StageResult whose ``details`` has ``accepted`` (upload keys used) and ``rejected``
         (``{key, reason, message}`` for uploads that failed).
     """
     started = time.perf_counter()
-    scope = PersonScope(store, job.ref)
+    scope = PersonScope(store, job.ref, key_store=key_store)
     result = StageResult()
     accepted: list[str] = []
     rejected: list[dict[str, str]] = []
@@ -71,10 +80,16 @@ def load_crops(scope: PersonScope) -> list[Image.Image]:
     return crops
 
 
-def run_package_person(store: ArtifactStore, job: PersonJob, headshots: list[dict[str, Any]]) -> StageResult:
-    """The person's contact sheet, from the headshots as stored."""
+def run_package_person(store: ArtifactStore, job: PersonJob, headshots: list[dict[str, Any]], *,
+                       key_store: PersonKeyStore | None = None) -> StageResult:
+    """The person's contact sheet, from the headshots as stored.
+
+    Args:
+        key_store: the person's data keys when encryption is on; outputs are not encrypted with it today
+            (customers download them), but the scope gets it so that changing that stays one line.
+    """
     started = time.perf_counter()
-    scope = PersonScope(store, job.ref)
+    scope = PersonScope(store, job.ref, key_store=key_store)
     result = StageResult()
     tiles = []
     for record in sorted(headshots, key=lambda h: (h["style"], h["index"])):

@@ -4,6 +4,9 @@ Lifecycle: the actor keeps the base pipeline of the last base model it served (l
 costs ~6× a LoRA swap on an H200, see TOOLCHAIN.md). Every person-specific thing it touches — crops,
 training cache, LoRA — lives in memory only for the duration of one call.
 
+With crypto-erasure on, the worker holds a :class:`storage.crypto.PersonKeyStore` (``self.key_store``);
+a person's data key is cached only while a stage for them runs, and dropped when it returns or fails.
+
 If the actor dies and Ray restarts it, it starts empty; the coordinator re-sends the stage, which:
 - train: resumes from the last checkpoint in the models bucket (same result as an uninterrupted run);
 - generate: skips images already stored (keys are deterministic: style, index, seed).
@@ -12,7 +15,9 @@ Both calls are therefore safe to repeat.
 
 from __future__ import annotations
 
+import functools
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,12 +25,29 @@ from typing import Callable
 from cluster.jobs import PersonJob, StageResult
 from cluster.stages import load_crops
 from storage import keys
+from storage.crypto import key_store_for
 from storage.scoped import PersonScope
 from storage.store import ArtifactStore, StoredObject
 
 logger = logging.getLogger(__name__)
 
 Reporter = Callable[[PersonJob, list[StoredObject]], None]
+REVOKED_MAX = 100_000
+
+
+def _forgets_person_key(stage):
+    """Drop the person's data key from the worker's cache when the stage ends, however it ends: a key
+    kept between calls would outlive the person's deletion in this process."""
+
+    @functools.wraps(stage)
+    def run(self, job: PersonJob, *args, **kwargs):
+        try:
+            return stage(self, job, *args, **kwargs)
+        finally:
+            if self.key_store is not None:
+                self.key_store.forget(job.ref)
+
+    return run
 
 
 class GpuWorker:
@@ -46,6 +68,8 @@ class GpuWorker:
         self.config = config
         self.worker_id = worker_id
         self.store = ArtifactStore.from_config(config.store)
+        # None when person artifacts are not encrypted. Deletion calls self.key_store.forget(person).
+        self.key_store = key_store_for(config, self.store)
         self.report_objects = report_objects or (lambda job, objects: None)
         torch.set_num_threads(config.workers.torch_threads)
         self.device, self.dtype = models.pick_device_and_dtype()
@@ -54,6 +78,45 @@ class GpuWorker:
         self.pipeline_loads = 0
         self.busy_s = 0.0
         self._cache_dir = Path(config.workers.cache_dir or Path(config.home_path) / "model-cache")
+        # Person prefixes being deleted: any step or write for them is refused from now on. Bounded,
+        # because ids are never reused (batch ids are unique), so old entries only cost memory.
+        self._revoked: dict[str, float] = {}
+
+    # --- deletion ----------------------------------------------------------------------------------
+
+    def is_revoked(self, person: keys.PersonRef) -> bool:
+        return person.prefix in self._revoked or any(person.prefix.startswith(p) for p in self._revoked)
+
+    def revoke(self, prefixes: list[str]) -> dict:
+        """Refuse any further training step or write for persons under these prefixes (a person, batch
+        or tenant prefix). Safe to call while a stage runs: it stops at its next step or write."""
+        now = time.time()
+        for prefix in prefixes:
+            self._revoked[prefix] = now
+        while len(self._revoked) > REVOKED_MAX:
+            self._revoked.pop(next(iter(self._revoked)))
+        return {"worker_id": self.worker_id, "revoked": len(prefixes), "at": now}
+
+    def purge(self, prefixes: list[str]) -> dict:
+        """Drop every local copy of these persons: cached data keys, files under the cache folder, and
+        (by revoking) any stage still holding their crops or LoRA in memory. Returns the confirmation
+        that goes into the deletion receipt."""
+        self.revoke(prefixes)
+        keys_forgotten = 0
+        if self.key_store is not None:
+            keys_forgotten = sum(self.key_store.forget(prefix) for prefix in prefixes)
+        files_removed = 0
+        persons_dir = self._cache_dir / "persons"
+        for prefix in prefixes:
+            folder = persons_dir / prefix.strip("/")
+            if folder.exists():
+                files_removed += sum(1 for path in folder.rglob("*") if path.is_file())
+                shutil.rmtree(folder, ignore_errors=True)
+        remaining = [prefix for prefix in prefixes if (persons_dir / prefix.strip("/")).exists()]
+        return {"worker_id": self.worker_id, "persons": list(prefixes), "purged": not remaining,
+                "keys_forgotten": keys_forgotten, "local_files_removed": files_removed,
+                "in_memory": "released: stages hold person data only within a call, and revoked calls stop",
+                "at": time.time()}
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "device": self.device, "dtype": str(self.dtype),
@@ -107,13 +170,15 @@ class GpuWorker:
 
     # --- stages ------------------------------------------------------------------------------------
 
+    @_forgets_person_key
     def train(self, job: PersonJob, *, should_stop: Callable[[], bool] | None = None) -> StageResult:
         """Fine-tune the person's LoRA, resuming from a stored checkpoint if there is one."""
         from pipeline import finetune
 
         started = time.perf_counter()
         pipe = self._pipeline(job.base_model)
-        scope = PersonScope(self.store, job.ref)
+        scope = PersonScope(self.store, job.ref, key_store=self.key_store,
+                            revoked=lambda: self.is_revoked(job.ref))
         result = StageResult()
         train_config = self._train_config(pipe)
         prompt = finetune.instance_prompt(train_config)
@@ -142,7 +207,8 @@ class GpuWorker:
             self.report_objects(job, [stored_checkpoint])
 
         trained = finetune.train_lora(pipe, cache, train_config, resume=resume, on_checkpoint=save_checkpoint,
-                                      should_stop=should_stop)
+                                      should_stop=lambda: self.is_revoked(job.ref)
+                                      or (should_stop is not None and should_stop()))
         stored_lora = scope.put("models", keys.lora_key(job.ref), trained.lora_bytes)
         result.objects.append(stored_lora)
         self.report_objects(job, [stored_lora])
@@ -153,13 +219,15 @@ class GpuWorker:
         self.busy_s += result.seconds
         return result
 
+    @_forgets_person_key
     def generate(self, job: PersonJob) -> StageResult:
         """Generate the person's headshots; images already stored are kept, not regenerated."""
         from pipeline import finetune, generate, models, package
 
         started = time.perf_counter()
         pipe = self._pipeline(job.base_model)
-        scope = PersonScope(self.store, job.ref)
+        scope = PersonScope(self.store, job.ref, key_store=self.key_store,
+                            revoked=lambda: self.is_revoked(job.ref))
         presets = generate.load_style_presets(self.config.generation.styles_file or None)
         styles = generate.resolve_styles(list(job.styles), presets)
         if job.base_model == models.TINY_MODEL:

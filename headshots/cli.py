@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--base-model")
     submit.add_argument("--styles", help="comma-separated style names")
     submit.add_argument("--images-per-style", type=int)
+    submit.add_argument("--consent-collected-by", help="who collected the team's consent (CSV rosters)")
+    submit.add_argument("--consent-given-at", help="when consent was given, ISO-8601 (CSV rosters)")
     submit.add_argument("--watch", action="store_true", help="show live progress until the batch finishes")
     submit.add_argument("--json", action="store_true", help="print {tenant, batch_id} and return at once")
     submit.set_defaults(handler=cmd_submit)
@@ -98,6 +100,31 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("--zip", action="store_true", help="also write OUTPUT.zip")
     download.add_argument("--json", action="store_true")
     download.set_defaults(handler=cmd_download)
+
+    delete = commands.add_parser("delete", help="delete a person's, batch's or tenant's photos and models now")
+    delete.add_argument("--tenant", required=True)
+    delete.add_argument("--batch")
+    delete.add_argument("--person", help="a person id (unique within its batch: needs --batch)")
+    delete.add_argument("--include-outputs", action="store_true", help="delete the generated headshots too")
+    delete.add_argument("--requested-by", default="operator", help="who asked (recorded in the receipt; ids only)")
+    delete.add_argument("--json", action="store_true")
+    delete.set_defaults(handler=cmd_delete)
+
+    receipts = commands.add_parser("receipts", help="list deletion receipts, or verify one against the store")
+    receipts.add_argument("--tenant")
+    receipts.add_argument("--batch")
+    receipts.add_argument("--person")
+    receipts.add_argument("--verify", metavar="RECEIPT_ID", help="list the store again: is everything still gone?")
+    receipts.add_argument("--json", action="store_true")
+    receipts.set_defaults(handler=cmd_receipts)
+
+    retention = commands.add_parser("retention", help="retention sweeps")
+    retention_commands = retention.add_subparsers(dest="retention_command", required=True)
+    sweep = retention_commands.add_parser("sweep", help="run one sweep now (or as of --now)")
+    sweep.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    sweep.add_argument("--now", help="ISO-8601 instant to judge expiry by (simulated time)")
+    sweep.add_argument("--json", action="store_true")
+    sweep.set_defaults(handler=cmd_retention_sweep)
 
     demo = commands.add_parser("demo", help="run the example batch end to end on the local stack")
     demo.add_argument("--manifest", default=str(DEMO_MANIFEST))
@@ -139,10 +166,13 @@ def cmd_env(args, config) -> int:
 
 def _env_document(config, info) -> dict[str, Any]:
     port = (info.metrics_port if info else 0) or config.metrics.port
+    retention_port = info.retention_metrics_port if info else 0
     return {"s3_endpoint": config.store.endpoint, "secure": config.store.secure,
             "access_key": config.store.access_key, "secret_key": config.store.secret_key,
             "buckets": config.store.buckets, "ray_address": config.ray.address,
-            "metrics_url": f"http://{config.metrics.host}:{port}/metrics" if port else ""}
+            "metrics_url": f"http://{config.metrics.host}:{port}/metrics" if port else "",
+            "retention_metrics_url": f"http://{config.metrics.host}:{retention_port}/metrics"
+            if retention_port else ""}
 
 
 # --- batches ------------------------------------------------------------------------------------
@@ -160,6 +190,8 @@ def cmd_submit(args, config) -> int:
 
     overrides = {"tenant": args.tenant, "batch": args.batch, "base_model": args.base_model,
                  "styles": args.styles, "images_per_style": args.images_per_style}
+    if args.consent_collected_by or args.consent_given_at:
+        overrides["consent"] = {"collected_by": args.consent_collected_by, "given_at": args.consent_given_at}
     if Path(args.manifest).suffix.lower() == ".csv":
         missing = [flag for flag, key in (("--tenant", "tenant"), ("--batch", "batch"), ("--styles", "styles"))
                    if not overrides[key]]
@@ -245,6 +277,91 @@ def cmd_demo(args, config) -> int:
         print(f"done in {document['seconds']} s: {len(download['files'])} files in {document['output_dir']}")
         print("the stack is still running: `headshots status`, `headshots download`, `headshots down`")
     return EXIT_OK if all(p["state"] == "done" for p in summary["persons"]) else EXIT_ERROR
+
+
+# --- retention and deletion ---------------------------------------------------------------------
+
+def _retention_controller(resolved):
+    from cluster.actors import get_or_create_retention_controller
+    from headshots.stack import connect_ray, load_info
+
+    connect_ray(resolved)
+    info = load_info(resolved)
+    return get_or_create_retention_controller(resolved, metrics_port=(info.retention_metrics_port if info else 0)
+                                              or None)
+
+
+def cmd_delete(args, config) -> int:
+    import ray
+
+    from headshots import stack
+
+    if args.person and not args.batch:
+        raise UsageError("--person needs --batch: person ids are unique only within a batch")
+    resolved = stack.connect(config, start=True)
+    controller = _retention_controller(resolved)
+    try:
+        result = ray.get(controller.delete.remote(args.tenant, args.batch, args.person, args.include_outputs,
+                                                  args.requested_by))
+    except ray.exceptions.RayTaskError as error:
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, ValueError):
+            raise UsageError(str(cause)) from None
+        raise
+    what = f"person {args.person}" if args.person else f"batch {args.batch}" if args.batch else f"tenant {args.tenant}"
+    _emit(args, result, f"deleted {what}: {result['objects_deleted']} object versions in {result['seconds']} s; "
+          f"receipt {result['receipt_id']} (verification listing count {result['verification']['listing_count']})")
+    return EXIT_OK
+
+
+def cmd_receipts(args, config) -> int:
+    from headshots import client, stack
+    from storage.receipts import list_receipts, verify_receipt
+
+    resolved = stack.connect(config)
+    store = client.store_for(resolved)
+    if args.verify:
+        result = verify_receipt(store, args.verify)
+        _emit(args, result, f"receipt {args.verify}: {'verified' if result['verified'] else 'NOT verified'} — "
+              f"{result['objects_checked']} object versions checked, {len(result['still_present'])} still present")
+        return EXIT_OK if result["verified"] else EXIT_ERROR
+    receipts = list_receipts(store, tenant=args.tenant, batch_id=args.batch, person_id=args.person)
+    if args.json:
+        print(json.dumps([receipt.to_json() for receipt in receipts], indent=1))
+    else:
+        for receipt in receipts:
+            summary = receipt.summary()
+            print(f"{receipt.receipt_id:<36} {receipt.kind:<8} {summary['persons']:>4} persons "
+                  f"{summary['objects_deleted']:>6} versions  listing count {receipt.verification.get('listing_count')}")
+        if not receipts:
+            print("no receipts")
+    return EXIT_OK
+
+
+def cmd_retention_sweep(args, config) -> int:
+    import ray
+
+    from headshots import stack
+
+    if args.now:
+        from storage.retention import parse_time
+
+        try:
+            parse_time(args.now)
+        except ValueError:
+            raise UsageError(f"--now must be an ISO-8601 instant such as 2026-12-31T00:00:00Z, not {args.now!r}")
+    resolved = stack.connect(config, start=True)
+    controller = _retention_controller(resolved)
+    result = ray.get(controller.sweep.remote(args.now, args.dry_run))
+    verb = "would delete" if args.dry_run else "deleted"
+    lines = [f"sweep as of {result['as_of']}: {verb} {result['objects']} object versions "
+             f"({result['bytes']} bytes) of {result['persons']} persons in {result['seconds']} s"]
+    for artifact, counts in sorted(result["by_artifact"].items()):
+        lines.append(f"  {artifact:<9} {counts['versions']:>6} versions {counts['bytes']:>12} bytes")
+    if result["receipt_id"]:
+        lines.append(f"receipt {result['receipt_id']}")
+    _emit(args, result, "\n".join(lines))
+    return EXIT_OK
 
 
 # --- progress ------------------------------------------------------------------------------------

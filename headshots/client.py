@@ -8,16 +8,21 @@ take a config whose store endpoint and Ray address are already resolved (see
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from headshots.manifest import BatchManifest, PersonSpec
+from headshots.manifest import BatchManifest, Consent, PersonSpec
 from pipeline import ingest
 from storage import keys
+from storage.crypto import PersonKeyStore, key_store_for
+from storage.retention import RetentionPolicy, file_person, load_policy
+from storage.scoped import PersonScope
 from storage.state import BatchState, PersonState, PhotoRecord, StateStore
 from storage.store import ArtifactStore, ObjectNotFound, utc_now_iso
 
@@ -38,15 +43,59 @@ def store_for(config) -> ArtifactStore:
     return ArtifactStore.from_config(config.store)
 
 
-def upload_person(store: ArtifactStore, config, *, tenant: str, batch_id: str, spec: PersonSpec) -> PersonState:
+def consent_record(consent: Consent, spec: PersonSpec, policy_version: str) -> dict[str, Any]:
+    """The person's consent as kept in state: who consented (the person), who collected it, when,
+    to which policy version, for which purpose. Receipts name it by ``consent_id`` only."""
+    return {"consent_id": "consent-" + secrets.token_hex(8), "given_by": spec.name,
+            "collected_by": consent.collected_by, "given_at": spec.consent_given_at or consent.given_at,
+            "policy_version": consent.policy_version or policy_version, "purpose": consent.purpose}
+
+
+def upload_person(store: ArtifactStore, config, *, tenant: str, batch_id: str, spec: PersonSpec,
+                  consent: Consent | None, key_store: PersonKeyStore | None = None,
+                  policy: RetentionPolicy | None = None) -> PersonState:
     """Sanitize and store one person's photos; returns the person's initial state (not yet saved).
 
     Metadata is stripped here, at the edge, so the original bytes (with GPS and camera serials) are
     never written anywhere. A bad photo is recorded with its reason; the person's other photos go on.
+    With ``security.encrypt_person_artifacts`` (and a master key), the first stored photo creates the
+    person's data key and every photo is encrypted with it (crypto-erasure, see storage/crypto.py).
+
+    Args:
+        store: the artifact store.
+        config: the resolved config.
+        tenant: the batch's tenant id.
+        batch_id: the batch id.
+        spec: the person and their photo files.
+        consent: the batch's consent record; without one no photo is stored (the person needs photos).
+        key_store: reuse this key store (e.g. one per batch); default: built from ``config``.
+        policy: the retention policy (default: the configured one), to file the person for expiry.
+
+    Returns:
+        The person's state with every stored photo recorded; ``needs_photos`` when too few were usable.
+
+    Raises:
+        storage.crypto.MasterKeyError: ``security.master_key`` is set but invalid.
+        storage.store.StoreError: a write failed.
     """
+    policy = policy or load_policy(config.retention.policy_file or None)
     person = PersonState(tenant=tenant, batch_id=batch_id, person_id=spec.person_id, name=spec.name,
                          email=spec.email)
     ref = person.ref
+    if consent is None:
+        for path in spec.photos:
+            person.photos.append(PhotoRecord(index=-1, source=path.name, accepted=False, reason="no_consent",
+                                             message=f"{path.name}: not stored: there is no consent record for "
+                                                     "this person (add `consent:` to the manifest)"))
+        spec = PersonSpec(spec.person_id, spec.name, spec.email, [], spec.missing)
+    else:
+        person.consent = consent_record(consent, spec, policy.version)
+    if spec.photos:
+        # Filed for expiry before the first photo is stored: even if this process dies right after the
+        # upload, the sweep will find the photo (due by upload time, if the batch never commits).
+        file_person(store, ref, min(policy.due_times(tenant, datetime.now(timezone.utc)).values()),
+                    reason="submitted")
+    scope = PersonScope(store, ref, key_store=key_store if key_store is not None else key_store_for(config, store))
     index = 0
     for missing in spec.missing:
         person.photos.append(PhotoRecord(index=-1, source=missing, accepted=False, reason="not_found",
@@ -66,9 +115,10 @@ def upload_person(store: ArtifactStore, config, *, tenant: str, batch_id: str, s
                                              message=rejected.message))
             continue
         key = keys.upload_key(ref, index, photo.extension)
-        stored = store.put("uploads", key, photo.data, content_type=photo.content_type)
+        stored = scope.put("uploads", key, photo.data, content_type=photo.content_type)
         person.record_object(stored)
         person.photos.append(PhotoRecord(index=index, source=path.name, accepted=True, key=key))
+        person.last_upload_at = utc_now_iso()
         index += 1
     if person.photos_accepted < config.ingest.min_photos:
         person.state = "needs_photos"
@@ -88,9 +138,12 @@ def submit_batch(config, manifest: BatchManifest, *, start: bool = True) -> Subm
     store.ensure_buckets()
     states = StateStore(store)
     batch_id = keys.new_batch_id(manifest.name)
+    key_store = key_store_for(config, store)
+    policy = load_policy(config.retention.policy_file or None)
 
     def upload(spec: PersonSpec) -> PersonState:
-        return upload_person(store, config, tenant=manifest.tenant, batch_id=batch_id, spec=spec)
+        return upload_person(store, config, tenant=manifest.tenant, batch_id=batch_id, spec=spec,
+                             consent=manifest.consent, key_store=key_store, policy=policy)
 
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         persons = list(pool.map(upload, manifest.persons))

@@ -23,6 +23,8 @@ import yaml
 
 ENV_PREFIX = "HEADSHOTS_"
 ARTIFACT_CLASSES = ("uploads", "derived", "models", "outputs", "state", "receipts")
+# Never echoed in an error message or a repr.
+SECRET_KEYS = ("store.secret_key", "security.master_key")
 
 
 class ConfigError(ValueError):
@@ -36,7 +38,7 @@ class StoreConfig:
     # Empty endpoint: the CLI starts an embedded SeaweedFS server on loopback.
     endpoint: str = ""
     access_key: str = ""
-    secret_key: str = ""
+    secret_key: str = field(default="", repr=False)
     secure: bool = False
     region: str = "us-east-1"
     # A CA bundle for a private TLS endpoint (MinIO with an internal CA).
@@ -47,6 +49,10 @@ class StoreConfig:
     bucket_outputs: str = "headshots-outputs"
     bucket_state: str = "headshots-state"
     bucket_receipts: str = "headshots-receipts"
+    # Ask the server to encrypt every object it stores without a person's own key (SSE-S3): outputs,
+    # state, receipts. The server must have SSE-S3 configured (MinIO: a KMS; the embedded SeaweedFS
+    # has it built in and the local stack turns this on).
+    server_side_encryption: bool = False
 
     def __post_init__(self) -> None:
         if self.endpoint:
@@ -187,6 +193,43 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """Crypto-erasure: each person's uploads, crops and models are encrypted with a data key of their
+    own, wrapped by this master key; deleting the person destroys the data key (see storage/crypto.py)."""
+
+    # Base64 of 32 random bytes. Empty: the local stack generates one into $HEADSHOTS_HOME/master-key;
+    # a deployment with its own store must set it (HEADSHOTS_SECURITY_MASTER_KEY from a secret).
+    # Losing it makes every stored person artifact unreadable. Kept out of repr.
+    master_key: str = field(default="", repr=False)
+    encrypt_person_artifacts: bool = True
+
+    def __post_init__(self) -> None:
+        if self.master_key:
+            # Imported here: parsing lives with the key (storage.crypto), and only a set key needs it.
+            from storage.crypto import MasterKey, MasterKeyError
+
+            try:
+                MasterKey.from_base64(self.master_key)
+            except MasterKeyError as error:  # names the key; never echoes the secret value
+                raise ConfigError(str(error)) from None
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How the privacy promises are enforced over time (see storage/retention_policy.yaml)."""
+
+    # A retention policy YAML (per-class days, per-tenant overrides); empty: the built-in policy.
+    policy_file: str = ""
+    sweep_interval_s: int = 3600
+    # Bucket lifecycle backstop: the store itself expires objects max_days + this many days after creation.
+    lifecycle_grace_days: int = 7
+
+    def __post_init__(self) -> None:
+        _require_range("retention.sweep_interval_s", self.sweep_interval_s, 10, 7 * 24 * 3600)
+        _require_range("retention.lifecycle_grace_days", self.lifecycle_grace_days, 1, 365)
+
+
+@dataclass(frozen=True)
 class Config:
     home: str = ""
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -196,6 +239,8 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     @property
     def home_path(self) -> Path:
@@ -356,6 +401,9 @@ def _coerce(key_path: str, value: Any, kind: type) -> Any:
     if kind is str:
         if isinstance(value, str):
             return value
+        if key_path in SECRET_KEYS:
+            raise ConfigError(f"config key {key_path} must be a string but is of type "
+                              f"{type(value).__name__} (value not shown: it is a secret)")
         raise ConfigError(f"config key {key_path} must be a string but is {value!r}")
     return value
 

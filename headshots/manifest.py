@@ -22,8 +22,10 @@ from storage.keys import ID_PATTERN, slugify
 MAX_PERSONS = 2000
 MAX_IMAGES_PER_STYLE = 64
 MAX_PHOTOS_PER_PERSON = 50
-MANIFEST_FIELDS = ("tenant", "batch", "base_model", "styles", "images_per_style", "persons")
-PERSON_FIELDS = ("name", "id", "email", "photos")
+MANIFEST_FIELDS = ("tenant", "batch", "base_model", "styles", "images_per_style", "consent", "persons")
+PERSON_FIELDS = ("name", "id", "email", "photos", "consent_given_at")
+CONSENT_FIELDS = ("collected_by", "given_at", "purpose", "policy_version")
+CONSENT_PURPOSES = ("headshots",)
 
 
 class ManifestError(ValueError):
@@ -36,6 +38,16 @@ class ManifestError(ValueError):
         super().__init__(f"{source} cannot be submitted:\n{listed}")
 
 
+@dataclass(frozen=True)
+class Consent:
+    """The batch's consent record: each person agreed, when the operator collected it, to this purpose."""
+
+    collected_by: str  # who collected the consents (an operator, an HR system): never the photo subject
+    given_at: str
+    purpose: str = "headshots"
+    policy_version: str = ""  # empty: the retention policy in force at submit
+
+
 @dataclass
 class PersonSpec:
     person_id: str
@@ -44,6 +56,8 @@ class PersonSpec:
     photos: list[Path]
     # Photo entries that named nothing readable (missing file or folder): reported on the person.
     missing: list[str] = field(default_factory=list)
+    # Overrides the batch consent's given_at for this person.
+    consent_given_at: str | None = None
 
 
 @dataclass
@@ -55,6 +69,7 @@ class BatchManifest:
     images_per_style: int
     persons: list[PersonSpec]
     source: str = ""
+    consent: Consent | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"tenant": self.tenant, "batch": self.name, "base_model": self.base_model, "styles": self.styles,
@@ -179,6 +194,8 @@ def parse_manifest(document: dict[str, Any], *, base_dir: Path, source: str, kno
         problems.append(f"{source}: field 'images_per_style' must be an integer from 1 to {MAX_IMAGES_PER_STYLE} "
                         f"but is {images_per_style!r}")
 
+    consent = _parse_consent(document.get("consent"), source, problems)
+
     raw_persons = document.get("persons")
     persons: list[PersonSpec] = []
     if not isinstance(raw_persons, list) or not raw_persons:
@@ -224,12 +241,61 @@ def parse_manifest(document: dict[str, Any], *, base_dir: Path, source: str, kno
         if len(photos) > MAX_PHOTOS_PER_PERSON:
             problems.append(f"{where}.photos names {len(photos)} files; at most {MAX_PHOTOS_PER_PERSON} per person")
             continue
+        given_at = entry.get("consent_given_at")
+        if given_at is not None and not _is_iso_time(given_at):
+            problems.append(f"{where}.consent_given_at must be an ISO-8601 date or time but is {given_at!r}")
+            continue
         persons.append(PersonSpec(person_id=person_id, name=person_name.strip(), email=email, photos=photos,
-                                  missing=missing))
+                                  missing=missing, consent_given_at=str(given_at) if given_at else None))
     if problems:
         raise ManifestError(source, problems)
     return BatchManifest(tenant=tenant, name=name.strip(), base_model=base_model, styles=list(styles),
-                         images_per_style=images_per_style, persons=persons, source=source)
+                         images_per_style=images_per_style, persons=persons, source=source, consent=consent)
+
+
+def _is_iso_time(value: Any) -> bool:
+    import datetime as _datetime
+
+    if isinstance(value, (_datetime.date, _datetime.datetime)):
+        return True
+    try:
+        _datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        return True
+    except ValueError:
+        return False
+
+
+def _parse_consent(raw: Any, source: str, problems: list[str]) -> Consent | None:
+    """Photos are accepted only with consent: the manifest must say who collected it, and when."""
+    example = "consent: {collected_by: hr@acme.example, given_at: 2026-11-20}"
+    if raw is None:
+        problems.append(f"{source}: field 'consent' is required: photos are accepted only with a consent record "
+                        f"(e.g. {example}; for a CSV roster: --consent-collected-by and --consent-given-at)")
+        return None
+    if not isinstance(raw, dict):
+        problems.append(f"{source}: field 'consent' must be a mapping like {example}")
+        return None
+    found: list[str] = []
+    unknown = sorted(set(raw) - set(CONSENT_FIELDS))
+    if unknown:
+        found.append(f"{source}: field 'consent' has unknown key(s) {', '.join(unknown)}; allowed: "
+                     f"{', '.join(CONSENT_FIELDS)}")
+    collected_by = raw.get("collected_by")
+    if not isinstance(collected_by, str) or not collected_by.strip():
+        found.append(f"{source}: field 'consent.collected_by' must say who collected the consents "
+                     f"but is {collected_by!r}")
+    given_at = raw.get("given_at")
+    if not _is_iso_time(given_at):
+        found.append(f"{source}: field 'consent.given_at' must be an ISO-8601 date or time but is {given_at!r}")
+    purpose = raw.get("purpose", "headshots")
+    if purpose not in CONSENT_PURPOSES:
+        found.append(f"{source}: field 'consent.purpose' must be one of {', '.join(CONSENT_PURPOSES)} "
+                     f"(uploads are used only for that person's own headshots) but is {purpose!r}")
+    problems.extend(found)
+    if found:
+        return None
+    return Consent(collected_by=collected_by.strip(), given_at=str(given_at), purpose=purpose,
+                   policy_version=str(raw.get("policy_version") or ""))
 
 
 def _expand_photos(entries: list[str], base_dir: Path) -> tuple[list[Path], list[str]]:

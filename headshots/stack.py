@@ -4,12 +4,15 @@
 - ``stack.json``: pids, endpoints, ports (no secrets);
 - ``credentials.json`` (mode 0600): the generated S3 credentials;
 - ``ray-auth-token`` (mode 0600): the Ray cluster's auth token (token auth stays on, even locally,
-  because Ray binds to the machine's routable address, not loopback).
+  because Ray binds to the machine's routable address, not loopback);
+- ``master-key`` (mode 0600): the master key that wraps every person's data key (crypto-erasure),
+  unless ``security.master_key`` is set. Losing it makes the stored person artifacts unreadable.
 Every other command reads these back through :func:`connect`.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -47,6 +50,7 @@ class StackInfo:
     ray_temp_dir: str = ""
     ray_started_here: bool = False
     metrics_port: int = 0
+    retention_metrics_port: int = 0
     started_at: float = 0.0
 
 
@@ -87,6 +91,26 @@ def _credentials(config: Config) -> tuple[str, str]:
     return access_key, secret_key
 
 
+def _master_key(config: Config) -> str:
+    """The local stack's master key (base64), generated on first use into ``$HEADSHOTS_HOME/master-key``.
+
+    Two commands starting at once must not end up with two different keys (uploads wrapped by the
+    loser's key would be unreadable), so the key is written to a private temporary file and then
+    hard-linked into place, which fails if the file already exists; everyone then reads the file.
+    """
+    path = _home(config) / "master-key"
+    if not path.is_file():
+        candidate = path.with_name(f".master-key.{os.getpid()}.{secrets.token_hex(4)}")
+        _write_private(candidate, base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+        try:
+            os.link(candidate, path)
+        except FileExistsError:
+            pass  # another command created it first: use theirs
+        finally:
+            candidate.unlink()
+    return path.read_text().strip()
+
+
 def ray_token_path(config: Config) -> Path:
     path = _home(config) / "ray-auth-token"
     if not path.is_file():
@@ -113,20 +137,25 @@ def _ray_temp_dir(config: Config) -> Path:
 
 
 def effective_config(config: Config, info: StackInfo | None = None) -> Config:
-    """``config`` with the local stack's endpoint, credentials and Ray address filled in where unset."""
+    """``config`` with the local stack's endpoint, credentials, master key and Ray address filled in where
+    unset. With the embedded store, server-side encryption (SSE-S3) is turned on too."""
     info = info if info is not None else load_info(config)
-    store, ray_config = config.store, config.ray
+    store, ray_config, security = config.store, config.ray, config.security
     if not store.endpoint:
         if info is None or not info.s3_endpoint:
             raise StackError("the local stack is not running: start it with `headshots up`")
         access_key, secret_key = _credentials(config)
         store = dataclasses.replace(store, endpoint=info.s3_endpoint, access_key=access_key, secret_key=secret_key,
-                                    secure=False)
+                                    secure=False, server_side_encryption=True)
+        if not security.master_key:
+            # Only for the embedded store: a key generated on one machine for a shared store would
+            # make every other submitter's uploads unreadable; such a deployment sets one key everywhere.
+            security = dataclasses.replace(security, master_key=_master_key(config))
     if not ray_config.address:
         if info is None or not info.ray_address:
             raise StackError("the local stack is not running: start it with `headshots up`")
         ray_config = dataclasses.replace(ray_config, address=info.ray_address)
-    return config.replace(store=store, ray=ray_config)
+    return config.replace(store=store, ray=ray_config, security=security)
 
 
 def is_up(config: Config) -> bool:
@@ -175,18 +204,29 @@ def up(config: Config) -> StackInfo:
     if not config.ray.address and not _ray_alive(info):
         info.ray_address, info.ray_temp_dir = _start_ray_head(config)
         info.ray_started_here = True
-        info.metrics_port = 0
+        info.metrics_port = info.retention_metrics_port = 0
         _save_info(config, info)
     resolved = effective_config(config, info)
-    ArtifactStore.from_config(resolved.store).ensure_buckets()
+    store = ArtifactStore.from_config(resolved.store)
+    store.ensure_buckets()
+    from storage.lifecycle import apply_lifecycle_rules
+    from storage.retention import load_policy
+
+    # The store's own expiry, as a backstop behind the sweep (never instead of it).
+    apply_lifecycle_rules(store, load_policy(resolved.retention.policy_file or None),
+                          grace_days=resolved.retention.lifecycle_grace_days)
     connect_ray(resolved)
-    from cluster.actors import get_or_create_coordinator
+    import ray
+
+    from cluster.actors import get_or_create_coordinator, get_or_create_retention_controller
 
     metrics_port = info.metrics_port or config.metrics.port or _free_port()
     coordinator = get_or_create_coordinator(resolved, metrics_port=metrics_port)
-    import ray
-
     info.metrics_port = ray.get(coordinator.ping.remote())["metrics_port"] or metrics_port
+    # The retention controller sweeps once as it starts, so time the stack was down is never skipped.
+    retention_port = info.retention_metrics_port or _free_port()
+    controller = get_or_create_retention_controller(resolved, metrics_port=retention_port)
+    info.retention_metrics_port = ray.get(controller.ping.remote())["metrics_port"] or retention_port
     info.started_at = info.started_at or time.time()
     _save_info(config, info)
     return info
@@ -264,7 +304,8 @@ def down(config: Config) -> dict[str, Any]:
     # to flush its volumes. Both are signalled at once.
     _terminate(ray_processes + s3_processes, grace_s=RAY_STOP_GRACE_S)
     _terminate(s3_processes, grace_s=S3_STOP_GRACE_S)
-    info.s3_pid, info.ray_address, info.ray_started_here, info.metrics_port = None, "", False, 0
+    info.s3_pid, info.ray_address, info.ray_started_here = None, "", False
+    info.metrics_port = info.retention_metrics_port = 0
     _save_info(config, info)
     return stopped
 

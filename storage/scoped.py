@@ -3,18 +3,37 @@
 A fine-tune for person P must never read another person's photos (uploads are used only for that
 person's own headshots). Rather than trusting every caller to build the right prefix, workers get a
 :class:`PersonScope` bound to one person, and every key they pass is checked against it.
+
+The scope is also where two deletion guarantees are enforced:
+- with a key store, the person's uploads, crops and models are encrypted with their own data key
+  (SSE-C, see :mod:`storage.crypto`), so destroying that key makes every copy unreadable;
+- with ``revoked``, nothing more is written for a person once their deletion has started.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from storage.keys import PersonRef
 from storage.store import ArtifactStore, StoredObject
 
+if TYPE_CHECKING:
+    from minio.sse import SseCustomerKey
+
+    from storage.crypto import PersonKeyStore
+
+# The artifact classes that hold the person's face or something learnt from it, and that nobody
+# outside the pipeline reads: encrypted with the person's own key. Outputs are downloaded by the
+# customer and state/receipts are read by the system, so those use the server's encryption (SSE-S3).
+ENCRYPTED_ARTIFACTS = ("uploads", "derived", "models")
+
 
 class ScopeViolation(PermissionError):
     """A key outside the person's own prefix was asked for."""
+
+
+class PersonRevoked(PermissionError):
+    """A write for a person whose deletion has started."""
 
 
 class PersonScope:
@@ -23,11 +42,18 @@ class PersonScope:
     Args:
         store: the artifact store.
         person: whose artifacts these are.
+        key_store: when given, reads and writes of ``ENCRYPTED_ARTIFACTS`` use the person's SSE-C data
+            key; only a write to ``uploads`` may create it (the person's first photo).
+        revoked: asked before every write; when it returns true the write is refused before anything
+            (not even a data key) reaches the store.
     """
 
-    def __init__(self, store: ArtifactStore, person: PersonRef):
+    def __init__(self, store: ArtifactStore, person: PersonRef, *, key_store: PersonKeyStore | None = None,
+                 revoked: Callable[[], bool] | None = None):
         self.store = store
         self.person = person
+        self.key_store = key_store
+        self.revoked = revoked
 
     def _check(self, key: str) -> str:
         # Ids cannot contain '/' or '..', so a plain prefix test is exact; normalise anyway to refuse
@@ -39,19 +65,50 @@ class PersonScope:
             )
         return key
 
+    def _encryption(self, artifact: str, *, create: bool = False) -> dict[str, SseCustomerKey]:
+        """``{"ssec": key}`` for the person's encrypted classes, else ``{}``.
+
+        Raises:
+            storage.crypto.KeyDestroyed: the person's key is gone (they were deleted).
+        """
+        if self.key_store is None or artifact not in ENCRYPTED_ARTIFACTS:
+            return {}
+        return {"ssec": self.key_store.key_for(self.person, create=create)}
+
     def list(self, artifact: str, subfolder: str) -> list[str]:
         prefix = self._check(self.person.prefix + subfolder)
         return sorted(self.store.list_keys(artifact, prefix))
 
     def get(self, artifact: str, key: str) -> bytes:
+        """Read one of the person's objects (decrypted with their key where it is encrypted).
+
+        Raises:
+            ScopeViolation: ``key`` is not the person's.
+            storage.crypto.KeyDestroyed: the object is encrypted and the person's key was destroyed.
+            storage.store.StoreError: the read failed.
+        """
         key = self._check(key)
-        return self.store.get(artifact, key)
+        return self.store.get(artifact, key, **self._encryption(artifact))
 
     def exists(self, artifact: str, key: str) -> bool:
         key = self._check(key)
-        return self.store.exists(artifact, key)
+        return self.store.exists(artifact, key, **self._encryption(artifact))
 
     def put(self, artifact: str, key: str, data: bytes, *, content_type: str = "application/octet-stream",
             metadata: Mapping[str, str] | None = None) -> StoredObject:
+        """Write one of the person's objects (encrypted with their key for ``ENCRYPTED_ARTIFACTS``).
+
+        Raises:
+            ScopeViolation: ``key`` is not the person's.
+            PersonRevoked: the person's deletion has started; nothing was written.
+            storage.crypto.KeyDestroyed: a derived or model write for a person whose key is gone.
+            storage.store.StoreError: the write failed.
+        """
         key = self._check(key)
-        return self.store.put(artifact, key, data, content_type=content_type, metadata=metadata)
+        # Checked before the data key is fetched or created, so a revoked person gets no new key either.
+        if self.revoked is not None and self.revoked():
+            raise PersonRevoked(
+                f"person {self.person.prefix} is being deleted: nothing more may be written for them "
+                f"(refused {artifact}:{key})")
+        encryption = self._encryption(artifact, create=artifact == "uploads")
+        return self.store.put(artifact, key, data, content_type=content_type, metadata=metadata, **encryption)

@@ -3,6 +3,13 @@
 Every write returns a :class:`StoredObject` (bucket, key, version id, size, sha256 at write time): the
 person's state keeps these so that deletion receipts can later prove what was removed, even after the
 object itself is gone.
+
+Encryption at rest, two kinds (see :mod:`storage.crypto` for why):
+- SSE-C (``ssec=``): the caller supplies a 32-byte key with every read and write; the server keeps only
+  a salted MAC of it, so once the key is destroyed the object is noise. Used for a person's uploads,
+  crops and models.
+- SSE-S3 (``server_side_encryption=True``): the server encrypts with its own keys; protects disks and
+  backups of the server, not against someone with S3 credentials. Used for everything else.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import urllib3
 from minio import Minio
 from minio.commonconfig import ENABLED
 from minio.error import S3Error
+from minio.helpers import genheaders
+from minio.sse import Sse, SseCustomerKey, SseS3
 from minio.versioningconfig import VersioningConfig
 
 ARTIFACT_CLASSES = ("uploads", "derived", "models", "outputs", "state", "receipts")
@@ -43,6 +52,10 @@ class StoreError(RuntimeError):
 
 class ObjectNotFound(StoreError):
     """The key (or version) does not exist."""
+
+
+class ObjectExists(StoreError):
+    """A create-only write (``if_absent=True``) found the key already there."""
 
 
 @dataclass(frozen=True)
@@ -95,24 +108,29 @@ class ArtifactStore:
     Args:
         client: a connected minio client.
         buckets: artifact class → bucket name (all six classes).
+        server_side_encryption: ask the server to encrypt every object written without an SSE-C key
+            (SSE-S3, ``x-amz-server-side-encryption: AES256``).
     """
 
-    def __init__(self, client: Minio, buckets: Mapping[str, str]):
+    def __init__(self, client: Minio, buckets: Mapping[str, str], *, server_side_encryption: bool = False):
         missing = set(ARTIFACT_CLASSES) - set(buckets)
         if missing:
             raise ValueError(f"buckets is missing artifact classes: {', '.join(sorted(missing))}")
         self.client = client
         self.buckets = dict(buckets)
+        self.server_side_encryption = server_side_encryption
 
     @classmethod
     def from_config(cls, store_config) -> "ArtifactStore":
-        """Build from a :class:`headshots.config.StoreConfig` (endpoint must be set)."""
+        """Build from a :class:`headshots.config.StoreConfig` (endpoint must be set; its
+        ``server_side_encryption`` switch turns SSE-S3 on)."""
         if not store_config.endpoint:
             raise ValueError("store.endpoint is empty: start the local stack (`headshots up`) or set it")
         client = make_client(endpoint=store_config.endpoint, access_key=store_config.access_key,
                              secret_key=store_config.secret_key, secure=store_config.secure,
                              region=store_config.region, ca_file=store_config.ca_file)
-        return cls(client, store_config.buckets)
+        return cls(client, store_config.buckets,
+                   server_side_encryption=store_config.server_side_encryption)
 
     def bucket(self, artifact: str) -> str:
         try:
@@ -142,22 +160,60 @@ class ArtifactStore:
     # --- objects -------------------------------------------------------------------------------
 
     def put(self, artifact: str, key: str, data: bytes, *, content_type: str = "application/octet-stream",
-            metadata: Mapping[str, str] | None = None) -> StoredObject:
-        """Write one object version and return its record."""
+            metadata: Mapping[str, str] | None = None, ssec: SseCustomerKey | None = None,
+            if_absent: bool = False) -> StoredObject:
+        """Write one object version and return its record.
+
+        Args:
+            artifact: the artifact class (picks the bucket).
+            key: the object key.
+            data: the whole object.
+            content_type: stored as the object's Content-Type.
+            metadata: user metadata (``x-amz-meta-*``); never put secrets or names here.
+            ssec: encrypt with this customer key (SSE-C); every later read must present it. Without it,
+                SSE-S3 is requested when the store was built with ``server_side_encryption``.
+            if_absent: create only (``If-None-Match: *``): fail rather than add a version when the key
+                already has a current version. The server decides atomically, so of two racing writers
+                exactly one succeeds.
+
+        Returns:
+            The record of the version written.
+
+        Raises:
+            ObjectExists: ``if_absent`` and the key already exists.
+            StoreError: the write failed (bucket, key and request id in the message).
+        """
         bucket = self.bucket(artifact)
         digest = hashlib.sha256(data).hexdigest()
-        result = self._retry(lambda: self.client.put_object(
-            bucket, key, io.BytesIO(data), len(data), content_type=content_type,
-            metadata=dict(metadata or {}),
-        ), bucket=bucket, key=key, action="cannot write object")
+        sse = self._sse_for_write(ssec)
+
+        def write():
+            if if_absent:
+                return self._put_if_absent(bucket, key, data, content_type=content_type, metadata=metadata,
+                                           sse=sse)
+            return self.client.put_object(bucket, key, io.BytesIO(data), len(data), content_type=content_type,
+                                          metadata=dict(metadata or {}), sse=sse)
+
+        result = self._retry(write, bucket=bucket, key=key, action="cannot write object")
         return StoredObject(artifact=artifact, bucket=bucket, key=key, version_id=result.version_id,
                             size=len(data), sha256=digest, written_at=utc_now_iso())
 
-    def get(self, artifact: str, key: str, *, version_id: str | None = None) -> bytes:
+    def get(self, artifact: str, key: str, *, version_id: str | None = None,
+            ssec: SseCustomerKey | None = None) -> bytes:
+        """Read one object (the current version, or ``version_id``).
+
+        Args:
+            ssec: the customer key the object was written with (SSE-C objects only).
+
+        Raises:
+            ObjectNotFound: no such key or version.
+            StoreError: any other failure; an SSE-C object read without its key fails with code
+                ``InvalidArgument``, with another key with ``AccessDenied``.
+        """
         bucket = self.bucket(artifact)
 
         def read() -> bytes:
-            response = self.client.get_object(bucket, key, version_id=version_id)
+            response = self.client.get_object(bucket, key, version_id=version_id, ssec=ssec)
             try:
                 return response.read()
             finally:
@@ -166,15 +222,49 @@ class ArtifactStore:
 
         return self._retry(read, bucket=bucket, key=key, version_id=version_id, action="cannot read object")
 
-    def exists(self, artifact: str, key: str) -> bool:
+    def exists(self, artifact: str, key: str, *, ssec: SseCustomerKey | None = None) -> bool:
+        """Whether ``key`` has a current version.
+
+        Args:
+            ssec: the object's customer key; S3 refuses even a HEAD of an SSE-C object without it.
+        """
         bucket = self.bucket(artifact)
         try:
-            self.client.stat_object(bucket, key)
+            self.client.stat_object(bucket, key, ssec=ssec)
             return True
         except S3Error as error:
             if error.code in ("NoSuchKey", "NoSuchObject", "NoSuchVersion", "ResourceNotFound"):
                 return False
             raise _store_error("cannot stat object", error, bucket=bucket, key=key) from None
+
+    def remove_version(self, artifact: str, key: str, *, version_id: str) -> None:
+        """Permanently remove one version (or delete marker) of ``key``.
+
+        Raises:
+            StoreError: the server refused (bucket, key, version id and request id in the message).
+        """
+        bucket = self.bucket(artifact)
+        self._retry(lambda: self.client.remove_object(bucket, key, version_id=version_id), bucket=bucket,
+                    key=key, version_id=version_id, action="cannot remove object version")
+
+    def _sse_for_write(self, ssec: SseCustomerKey | None) -> Sse | None:
+        if ssec is not None:
+            return ssec
+        return SseS3() if self.server_side_encryption else None
+
+    def _put_if_absent(self, bucket: str, key: str, data: bytes, *, content_type: str,
+                       metadata: Mapping[str, str] | None, sse: Sse | None):
+        # minio-py (7.2) has no public way to send If-None-Match on PutObject (it would turn the header
+        # into user metadata), so this one call goes through the client's single-request PUT. The
+        # header is plain S3 (AWS, MinIO and SeaweedFS all honour it); tests/integration exercise it.
+        put_single = getattr(self.client, "_put_object", None)
+        if put_single is None:  # pragma: no cover - a future minio release
+            raise StoreError("this minio client cannot send a conditional write (If-None-Match); "
+                             "pin minio to a 7.2 release", bucket=bucket, key=key)
+        headers = genheaders(dict(metadata or {}), sse, None, None, False)
+        headers["Content-Type"] = content_type or "application/octet-stream"
+        headers["If-None-Match"] = "*"
+        return put_single(bucket, key, data, headers=headers)
 
     def list_keys(self, artifact: str, prefix: str, *, recursive: bool = True) -> Iterator[str]:
         """Current (latest, not deleted) keys under ``prefix``."""
@@ -222,6 +312,11 @@ class ArtifactStore:
 
 def _store_error(action: str, error: S3Error, *, bucket: str, key: str = "",
                  version_id: str | None = None) -> StoreError:
-    kind = ObjectNotFound if error.code in ("NoSuchKey", "NoSuchObject", "NoSuchVersion") else StoreError
+    if error.code in ("NoSuchKey", "NoSuchObject", "NoSuchVersion"):
+        kind = ObjectNotFound
+    elif error.code == "PreconditionFailed":
+        kind = ObjectExists
+    else:
+        kind = StoreError
     return kind(f"{action}: {error.code}: {error.message}", bucket=bucket, key=key, version_id=version_id,
                 request_id=error.request_id, code=error.code)

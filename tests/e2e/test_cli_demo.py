@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pytest
 from minio import Minio
+from minio.error import S3Error
 
 from pipeline.ingest import has_metadata
 from pipeline.package import TRAINED_ALGORITHMIC_MEDIA, read_digital_source_type
+from storage.crypto import MasterKey, PersonKeyStore
+from storage.keys import PersonRef
+from storage.store import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_PERSONS = {"grace-hopper", "eileen-collins"}
@@ -96,12 +100,16 @@ def test_store_holds_every_artifact_under_the_key_layout(demo, stack_home):
         assert f"{prefix}{person}/state.json" in listed("state")
     uploads = listed("uploads")
     assert len(uploads) >= 8
+    # Uploads are encrypted with each person's own data key (crypto-erasure): S3 credentials alone
+    # cannot read them; the stack's master key unwraps the person's key.
+    store = ArtifactStore(client, env["buckets"])
+    key_store = PersonKeyStore(store, MasterKey.from_base64((stack_home / "master-key").read_text()))
     for key in uploads:  # the demo includes a photo with GPS EXIF: nothing stored may keep it
-        response = client.get_object(env["buckets"]["uploads"], key)
-        try:
-            assert not has_metadata(response.read()), f"{key} was stored with metadata"
-        finally:
-            response.close()
+        with pytest.raises(S3Error, match="InvalidArgument|customer key"):
+            client.get_object(env["buckets"]["uploads"], key)
+        tenant, batch_id, person_id = key.split("/")[:3]
+        data = store.get("uploads", key, ssec=key_store.key_for(PersonRef(tenant, batch_id, person_id)))
+        assert not has_metadata(data), f"{key} was stored with metadata"
 
 
 def test_status_json_shapes(demo, stack_home):
@@ -123,7 +131,8 @@ def test_download_zip(demo, stack_home, tmp_path):
 
 def test_submit_with_bad_manifest_exits_2_naming_the_field(stack_home, tmp_path):
     manifest = tmp_path / "team.yaml"
-    manifest.write_text("tenant: acme\nbatch: q3\nstyles: [neon]\npersons:\n  - name: Ada\n    photos: []\n")
+    manifest.write_text("tenant: acme\nbatch: q3\nstyles: [neon]\nconsent: {collected_by: hr, given_at: 2026-11-20}\n"
+                        "persons:\n  - name: Ada\n    photos: []\n")
     completed = run_cli(stack_home, "submit", str(manifest), "--json", check=False)
     assert completed.returncode == 2
     assert "unknown style 'neon'" in completed.stderr and "corporate-grey" in completed.stderr
@@ -141,7 +150,8 @@ def test_metrics_endpoint_reports_the_demo(demo, stack_home):
 
 def test_csv_roster_submitted_and_watched_to_the_end(demo, stack_home):
     completed = run_cli(stack_home, "submit", str(REPO / "examples" / "demo" / "team.csv"), "--tenant", "acme",
-                        "--batch", "CSV team", "--styles", "office", "--images-per-style", "1", "--watch")
+                        "--batch", "CSV team", "--styles", "office", "--images-per-style", "1",
+                        "--consent-collected-by", "hr-system", "--consent-given-at", "2026-11-20", "--watch")
     assert "submitted batch csv-team-" in completed.stdout
     assert completed.stdout.rstrip().endswith(": done"), completed.stdout[-500:]
     batch_id = completed.stdout.split("submitted batch ", 1)[1].split()[0]

@@ -12,6 +12,7 @@ from headshots.manifest import BatchManifest, PersonSpec
 from pipeline.package import TRAINED_ALGORITHMIC_MEDIA, read_digital_source_type
 from storage import keys
 from storage.state import StateStore
+from tests.integration.conftest import TEST_CONSENT, read_version
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo" / "photos"
 STYLES = ["corporate-grey", "office"]
@@ -39,7 +40,7 @@ def finished_batch(coordinator, base_config, store, tmp_path_factory):
         images_per_style=IMAGES_PER_STYLE,
         persons=[PersonSpec("grace-hopper", "Grace Hopper", "grace@example.com", grace),
                  PersonSpec("eileen-collins", "Eileen Collins", None, eileen[:3] + [junk]),
-                 PersonSpec("nobody", "No Photos", None, [junk])])
+                 PersonSpec("nobody", "No Photos", None, [junk])], consent=TEST_CONSENT)
     submitted = client.submit_batch(base_config, manifest, start=False)
     ray.get(coordinator.submit.remote(submitted.tenant, submitted.batch_id))
     final_state = ray.get(coordinator.wait.remote(submitted.tenant, submitted.batch_id, 600))
@@ -71,7 +72,8 @@ def test_every_expected_object_is_stored_under_the_key_layout(finished_batch, st
             (style, index) for style in STYLES for index in range(IMAGES_PER_STYLE)}
         stored_outputs = set(store.list_keys("outputs", person.ref.prefix))
         assert stored_outputs == expected | {keys.person_contact_sheet_key(person.ref)}
-        assert store.exists("models", keys.lora_key(person.ref))
+        # Listed, not read: models are encrypted with the person's key (a bare HEAD is refused).
+        assert keys.lora_key(person.ref) in set(store.list_keys("models", person.ref.prefix))
         assert list(store.list_keys("derived", person.ref.prefix + "crops/"))
         for key in expected:
             assert read_digital_source_type(store.get("outputs", key)) == TRAINED_ALGORITHMIC_MEDIA
@@ -79,7 +81,7 @@ def test_every_expected_object_is_stored_under_the_key_layout(finished_batch, st
     assert store.exists("outputs", keys.batch_contact_sheet_key(batch.tenant, batch.batch_id))
 
 
-def test_state_records_every_stored_version_with_its_checksum(finished_batch, store):
+def test_state_records_every_stored_version_with_its_checksum(finished_batch, store, key_store):
     submitted, _ = finished_batch
     states = StateStore(store)
     batch = states.load_batch(submitted.tenant, submitted.batch_id)
@@ -91,7 +93,7 @@ def test_state_records_every_stored_version_with_its_checksum(finished_batch, st
             assert not is_marker
             entry = recorded.get((store.bucket(artifact), key, version_id))
             assert entry is not None, f"{artifact}:{key}@{version_id} was written but not recorded in state"
-            data = store.get(artifact, key, version_id=version_id)
+            data = read_version(store, key_store, artifact, key, version_id)
             assert hashlib.sha256(data).hexdigest() == entry.sha256 and len(data) == entry.size
     # Two checkpoints (every 3 of 6 steps) were written as versions of one key.
     checkpoints = [o for o in person.objects if o.key == keys.checkpoint_key(person.ref)]
@@ -131,7 +133,8 @@ def test_a_killed_coordinator_restarts_and_finishes_the_batch(coordinator, base_
     photos = sorted((EXAMPLES / "eileen-collins").iterdir())[:3]
     manifest = BatchManifest(tenant="acme-restart", name="Restart team", base_model="tiny", styles=["office"],
                              images_per_style=1,
-                             persons=[PersonSpec(f"p{i}", f"Person {i}", None, photos) for i in range(3)])
+                             persons=[PersonSpec(f"p{i}", f"Person {i}", None, photos) for i in range(3)],
+                             consent=TEST_CONSENT)
     submitted = client.submit_batch(base_config, manifest, start=False)
     ray.get(coordinator.submit.remote(submitted.tenant, submitted.batch_id))
     states = StateStore(store)

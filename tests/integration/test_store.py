@@ -14,6 +14,7 @@ from storage import keys
 from storage.scoped import PersonScope, ScopeViolation
 from storage.state import BatchState, PersonState, StateStore
 from storage.store import ObjectNotFound
+from tests.integration.conftest import TEST_CONSENT, read_version
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo" / "photos"
 
@@ -65,19 +66,21 @@ def test_person_scope_reads_own_artifacts_and_refuses_others(store, tenant):
         scope.get("uploads", f"{tenant}/b1/bob/uploads/000.jpg")
 
 
-def test_uploads_are_stored_without_metadata_and_bad_files_recorded(store, base_config, tenant, tmp_path):
+def test_uploads_are_stored_without_metadata_and_bad_files_recorded(store, key_store, base_config, tenant, tmp_path):
     gps_photo = EXAMPLES / "grace-hopper" / "02-phone-gps.jpg"
     assert has_metadata(gps_photo.read_bytes()), "the demo's GPS photo must carry metadata for this test"
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("this is not a photo")
     spec = PersonSpec(person_id="grace", name="Grace Hopper", email=None,
                       photos=[gps_photo, not_an_image], missing=["gone.jpg"])
-    person = upload_person(store, base_config, tenant=tenant, batch_id="b1", spec=spec)
+    person = upload_person(store, base_config, tenant=tenant, batch_id="b1", spec=spec, consent=TEST_CONSENT)
     assert person.state == "queued" and person.photos_accepted == 1
+    assert person.consent["given_by"] == "Grace Hopper" and person.consent["collected_by"] == "test-suite"
+    assert person.last_upload_at
     reasons = {photo.source: photo.reason for photo in person.photos if not photo.accepted}
     assert reasons == {"gone.jpg": "not_found", "notes.jpg": "decode_failed"}
     (stored,) = person.objects
-    data = store.get("uploads", stored.key, version_id=stored.version_id)
+    data = read_version(store, key_store, "uploads", stored.key, stored.version_id)
     assert not has_metadata(data)
     assert hashlib.sha256(data).hexdigest() == stored.sha256
 
@@ -86,7 +89,17 @@ def test_a_person_with_no_usable_photo_needs_photos(store, base_config, tenant, 
     bad = tmp_path / "x.gif"
     bad.write_bytes(b"GIF89a" + b"\0" * 20)
     person = upload_person(store, base_config, tenant=tenant, batch_id="b1",
-                           spec=PersonSpec(person_id="bob", name="Bob", email=None, photos=[bad]))
+                           spec=PersonSpec(person_id="bob", name="Bob", email=None, photos=[bad]),
+                           consent=TEST_CONSENT)
     assert person.state == "needs_photos" and person.processed_at
     assert person.photos[0].reason in ("format_not_allowed", "decode_failed")
+    assert list(store.list_keys("uploads", f"{tenant}/")) == []
+
+
+def test_without_consent_no_photo_is_stored(store, base_config, tenant):
+    photo = EXAMPLES / "grace-hopper" / "01-front.jpg"
+    person = upload_person(store, base_config, tenant=tenant, batch_id="b1", consent=None,
+                           spec=PersonSpec(person_id="grace", name="Grace Hopper", email=None, photos=[photo]))
+    assert person.state == "needs_photos" and person.consent is None
+    assert [p.reason for p in person.photos] == ["no_consent"]
     assert list(store.list_keys("uploads", f"{tenant}/")) == []

@@ -15,6 +15,8 @@ from headshots.client import upload_person
 from headshots.manifest import PersonSpec
 from pipeline import finetune, models
 from storage import keys
+from storage.crypto import key_store_for
+from tests.integration.conftest import TEST_CONSENT, read_version
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo" / "photos"
 
@@ -27,15 +29,15 @@ def worker(base_config):
 def _ingested_person(store, config, tenant: str, person_id: str) -> PersonJob:
     photos = sorted((EXAMPLES / "grace-hopper").iterdir())[:3]
     person = upload_person(store, config, tenant=tenant, batch_id="b1",
-                           spec=PersonSpec(person_id, "Someone", None, photos))
+                           spec=PersonSpec(person_id, "Someone", None, photos), consent=TEST_CONSENT)
     job = PersonJob(tenant=tenant, batch_id="b1", person_id=person_id, base_model=models.TINY_MODEL,
                     styles=("corporate-grey", "office"), images_per_style=2,
                     upload_keys=tuple(p.key for p in person.photos if p.accepted))
-    run_ingest(store, job, training_resolution=0)
+    run_ingest(store, job, training_resolution=0, key_store=key_store_for(config, store))
     return job
 
 
-def test_interrupted_fine_tune_resumes_from_the_stored_checkpoint(worker, store, base_config, tenant):
+def test_interrupted_fine_tune_resumes_from_the_stored_checkpoint(worker, store, key_store, base_config, tenant):
     # base_config trains 6 steps with a checkpoint every 3.
     uninterrupted = _ingested_person(store, base_config, tenant, "straight")
     interrupted = _ingested_person(store, base_config, tenant, "crashed")
@@ -50,12 +52,12 @@ def test_interrupted_fine_tune_resumes_from_the_stored_checkpoint(worker, store,
 
     with pytest.raises(finetune.TrainingStopped):
         worker.train(interrupted, should_stop=crash_after_four_steps)
-    assert not store.exists("models", keys.lora_key(interrupted.ref))
+    assert not list(store.list_keys("models", keys.lora_key(interrupted.ref)))
     resumed = worker.train(interrupted)
     assert resumed.details["resumed_from"] == 3 and resumed.training_steps == 3
 
-    expected = load_safetensors(store.get("models", keys.lora_key(uninterrupted.ref)))
-    actual = load_safetensors(store.get("models", keys.lora_key(interrupted.ref)))
+    expected = load_safetensors(read_version(store, key_store, "models", keys.lora_key(uninterrupted.ref)))
+    actual = load_safetensors(read_version(store, key_store, "models", keys.lora_key(interrupted.ref)))
     assert expected.keys() == actual.keys()
     for name in expected:
         assert (expected[name] - actual[name]).abs().max().item() < 1e-5, name

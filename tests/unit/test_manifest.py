@@ -29,6 +29,7 @@ tenant: acme
 batch: Q3 team
 styles: [corporate-grey, office]
 images_per_style: 2
+consent: {collected_by: hr@acme.example, given_at: 2026-11-20}
 persons:
   - name: Ada Lovelace
     photos: [photos/ada/]
@@ -47,7 +48,9 @@ def test_csv_roster_with_command_line_fields(tmp_path, photos):
                                         "Bob,photos/ada,\n")
     manifest = load_manifest(path, known_styles=STYLES,
                              overrides={"tenant": "acme", "batch": "Q3", "styles": "office,outdoor",
-                                        "images_per_style": 3})
+                                        "images_per_style": 3,
+                                        "consent": {"collected_by": "hr", "given_at": "2026-11-20T10:00:00Z"}})
+    assert manifest.consent.collected_by == "hr" and manifest.consent.purpose == "headshots"
     assert manifest.styles == ["office", "outdoor"] and manifest.images_per_style == 3
     assert [len(p.photos) for p in manifest.persons] == [2, 3]
     assert manifest.persons[0].email == "a@x.io"
@@ -90,6 +93,7 @@ def test_csv_without_photos_column_is_refused(tmp_path):
 
 def test_base_model_folder_must_be_a_diffusers_folder(tmp_path):
     path = _write(tmp_path, "team.yaml", "tenant: acme\nbatch: b\nstyles: [office]\nbase_model: models/sd15\n"
+                                         "consent: {collected_by: hr, given_at: 2026-11-20}\n"
                                          "persons:\n  - name: Ada\n    photos: []\n")
     with pytest.raises(ManifestError, match="no model_index.json"):
         load_manifest(path, known_styles=STYLES)
@@ -97,9 +101,23 @@ def test_base_model_folder_must_be_a_diffusers_folder(tmp_path):
 
 def test_a_person_without_photos_is_kept_for_needs_photos(tmp_path):
     path = _write(tmp_path, "team.yaml", "tenant: acme\nbatch: b\nstyles: [office]\n"
+                                         "consent: {collected_by: hr, given_at: 2026-11-20}\n"
                                          "persons:\n  - name: Ada\n    photos: []\n")
     manifest = load_manifest(path, known_styles=STYLES)
     assert manifest.persons[0].photos == []
+
+
+def test_photos_need_a_consent_record(tmp_path):
+    path = _write(tmp_path, "team.yaml", "tenant: acme\nbatch: b\nstyles: [office]\n"
+                                         "persons:\n  - name: Ada\n    photos: []\n")
+    with pytest.raises(ManifestError, match="field 'consent' is required"):
+        load_manifest(path, known_styles=STYLES)
+    bad = _write(tmp_path, "bad.yaml", "tenant: acme\nbatch: b\nstyles: [office]\n"
+                                       "consent: {collected_by: hr, given_at: someday, purpose: marketing}\n"
+                                       "persons:\n  - name: Ada\n    photos: []\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(bad, known_styles=STYLES)
+    assert "consent.given_at" in str(caught.value) and "consent.purpose" in str(caught.value)
 
 
 def test_missing_manifest_file(tmp_path):
