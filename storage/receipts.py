@@ -161,7 +161,12 @@ def list_receipts(store: ArtifactStore, *, tenant: str | None = None, batch_id: 
     else:
         receipt_keys = [key for key in store.list_keys("receipts", RECEIPTS_PREFIX)
                         if key.endswith(".json") and not key.startswith((INDEX_PREFIX, PENDING_PREFIX))]
-    receipts = [Receipt.from_json(store.get_json("receipts", key)) for key in receipt_keys]
+    receipts = []
+    for key in receipt_keys:
+        try:
+            receipts.append(Receipt.from_json(store.get_json("receipts", key)))
+        except ObjectNotFound:
+            continue  # expired under the receipts' own retention; its index marker outlived it
     return sorted(receipts, key=lambda r: r.started_at, reverse=True)
 
 

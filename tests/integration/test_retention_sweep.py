@@ -213,3 +213,17 @@ def test_property_a_sweep_deletes_exactly_what_is_expired(store, persons, upload
         for artifact in ("uploads", "derived", "models"):
             expired = processed is not None and processed + timedelta(days=policy.days_for(tenant, artifact)) <= now
             assert counts[artifact] == (0 if expired else versions), (artifact, processed, counts)
+
+
+def test_receipts_expire_after_their_own_retention(store, tenant):
+    from storage.receipts import Receipt, new_receipt_id, receipt_exists, save_receipt
+
+    old_id = new_receipt_id("request", now=T0 - timedelta(days=POLICY.receipts_days + 2))
+    recent_id = new_receipt_id("request", now=T0 - timedelta(days=POLICY.receipts_days - 2))
+    for receipt_id in (old_id, recent_id):
+        save_receipt(store, Receipt(receipt_id=receipt_id, kind="request", requested_by="test", policy={},
+                                    started_at=format_time(T0), as_of=format_time(T0),
+                                    persons=[{"tenant": tenant, "batch_id": "b1", "person_id": "ada"}]))
+    result = run_sweep(store, POLICY, now=T0)
+    assert not receipt_exists(store, old_id) and receipt_exists(store, recent_id)
+    assert any(item["artifact"] == "receipts" and old_id in item["key"] for item in result.receipt.objects)
