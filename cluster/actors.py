@@ -36,12 +36,12 @@ logger = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=1, max_retries=2)
 def ingest_task(config, job: PersonJob) -> StageResult:
-    from cluster.stages import run_ingest
+    from cluster.stages import gate_config, run_ingest
     from storage.store import ArtifactStore
 
     store = ArtifactStore.from_config(config.store)
     return run_ingest(store, job, training_resolution=config.training.resolution,
-                      key_store=key_store_for(config, store))
+                      key_store=key_store_for(config, store), gate=gate_config(config))
 
 
 @ray.remote(num_cpus=1, max_retries=2)
@@ -201,7 +201,7 @@ class RetentionControllerActor(RetentionController):
             ray.get(package_batch_task.remote(self.config, {
                 "tenant": tenant, "batch_id": batch_id, "batch_name": batch.name, "base_model": batch.base_model,
                 "persons": [{"person_id": p.person_id, "state": p.state, "headshots": [vars(h) for h in p.headshots],
-                             "timings_s": p.timings_s} for p in persons]}))
+                             "timings_s": p.timings_s, "flags": p.flags} for p in persons]}))
 
 
 def get_or_create_retention_controller(config, *, metrics_port: int | None):

@@ -198,10 +198,18 @@ class Coordinator:
         job = PersonJob(tenant=person.tenant, batch_id=person.batch_id, person_id=person.person_id,
                         base_model=batch.base_model, styles=tuple(batch.styles),
                         images_per_style=batch.images_per_style,
-                        upload_keys=tuple(photo.key for photo in person.photos if photo.accepted and photo.key))
+                        upload_keys=tuple(photo.key for photo in person.photos if photo.accepted and photo.key),
+                        upload_names=tuple(photo.source for photo in person.photos if photo.accepted and photo.key))
         if stage == "ingest":
+            # Photos turned away at the edge (unreadable, wrong format) count as checks too.
+            for photo in person.photos:
+                if not photo.accepted and photo.reason:
+                    self.metrics.upload_checks_total.labels(result="rejected", reason=photo.reason).inc()
             result = await self.pool.ingest(job)
             self._add_objects(person, result.objects)
+            for check in result.details.get("checks", []):
+                self.metrics.upload_checks_total.labels(
+                    result="accepted" if check["accepted"] else "rejected", reason=check["reason"] or "").inc()
             for rejected in result.details.get("rejected", []):
                 for photo in person.photos:
                     if photo.key == rejected["key"]:
@@ -209,7 +217,7 @@ class Coordinator:
                         self.metrics.photos_rejected_total.labels(reason=rejected["reason"]).inc()
             if len(result.details.get("accepted", [])) < self.config.ingest.min_photos:
                 person.error = (f"{person.photos_accepted} usable photo(s); at least {self.config.ingest.min_photos} "
-                                "needed: add photos and retry")
+                                "needed: add photos and retry (each photo's reason is in the status)")
                 return "needs_photos"
             return "training"
         if stage == "train":
@@ -225,6 +233,11 @@ class Coordinator:
                 result.details["headshots"], key=lambda r: (batch.styles.index(r["style"]), r["index"]))]
             for style, count in result.images_by_style.items():
                 self.metrics.images_generated_total.labels(style=style).inc(count)
+            for distance in result.details.get("identity_distances", []):
+                self.metrics.identity_distance.observe(distance)
+            self.metrics.outputs_regenerated_total.inc(result.details.get("regenerated", 0))
+            if result.details.get("identity_flag"):
+                person.flags = sorted(set(person.flags) | {result.details["identity_flag"]})
             return "packaging"
         if stage == "package":
             result = await self.pool.package_person(job, [vars(h) for h in person.headshots])
@@ -241,7 +254,7 @@ class Coordinator:
         await self.pool.package_batch(
             tenant=batch.tenant, batch_id=batch.batch_id, batch_name=batch.name, base_model=batch.base_model,
             persons=[{"person_id": p.person_id, "state": p.state, "headshots": [vars(h) for h in p.headshots],
-                      "timings_s": p.timings_s} for p in persons])
+                      "timings_s": p.timings_s, "flags": p.flags} for p in persons])
         batch.state = "done"
         batch.finished_at = utc_now_iso()
         await asyncio.to_thread(self.states.save_batch, batch)
@@ -288,6 +301,7 @@ class Coordinator:
             counts[person.state] += 1
         for state, count in counts.items():
             self.metrics.persons.labels(state=state).set(count)
+        self.metrics.persons_needing_photos.set(counts["needs_photos"])
 
 
 def index_processed_person(store: ArtifactStore, policy, person: PersonState) -> None:

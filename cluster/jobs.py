@@ -22,6 +22,8 @@ class PersonJob:
     styles: tuple[str, ...] = ()
     images_per_style: int = 0
     upload_keys: tuple[str, ...] = ()
+    # The names operators know the photos by (same order as upload_keys), for rejection messages.
+    upload_names: tuple[str, ...] = ()
 
     @property
     def ref(self) -> PersonRef:

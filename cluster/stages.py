@@ -29,46 +29,76 @@ def crop_resolution(training_resolution: int) -> int:
     return max(training_resolution, CROP_RESOLUTION_PX)
 
 
+def gate_config(config):
+    """The identity gate's thresholds from the system config."""
+    from pipeline.faces import GateConfig
+
+    return GateConfig(min_photos=config.ingest.min_photos,
+                      max_identity_distance=config.ingest.max_identity_distance)
+
+
 def run_ingest(store: ArtifactStore, job: PersonJob, *, training_resolution: int,
-               key_store: PersonKeyStore | None = None) -> StageResult:
-    """Make training crops from a person's (already sanitized) uploads.
+               key_store: PersonKeyStore | None = None, gate=None) -> StageResult:
+    """The identity gate, before any GPU time: check a person's photos as a set, crop the accepted ones.
 
     Uploads were stripped of metadata at the edge, before they were stored; here each is decoded
-    again (a stored object is still untrusted input) and cropped square.
+    again (a stored object is still untrusted input), checked (one clear, well-lit face; no
+    near-duplicates; the same person as the rest) and cropped face-aligned, head and shoulders. The
+    accepted photos' face embeddings are kept (as derived data, so retention deletes them) to judge
+    the generated headshots against.
 
     Args:
         store: the artifact store.
-        job: the person.
+        job: the person (``upload_names`` gives the names operators know the photos by).
         training_resolution: the fine-tune's resolution (0: native); crops are at least this size.
         key_store: the person's data keys, when person artifacts are encrypted
             (:func:`storage.crypto.key_store_for`); uploads are read and crops written with their key.
+        gate: :class:`pipeline.faces.GateConfig` thresholds (default: its defaults).
 
     Returns:
-        StageResult whose ``details`` has ``accepted`` (upload keys used) and ``rejected``
-        (``{key, reason, message}`` for uploads that failed).
+        StageResult whose ``details`` has ``accepted`` (upload keys used), ``rejected``
+        (``{key, reason, message}``) and ``checks`` (``{key, accepted, reason, scores}`` per photo).
     """
+    from pipeline import faces
+
     started = time.perf_counter()
     scope = PersonScope(store, job.ref, key_store=key_store)
     result = StageResult()
-    accepted: list[str] = []
-    rejected: list[dict[str, str]] = []
-    size = crop_resolution(training_resolution)
+    rejected: list[dict[str, Any]] = []
+    names = dict(zip(job.upload_keys, job.upload_names or job.upload_keys))
+    decoded: list[tuple[str, Image.Image]] = []
     for index, upload_key in enumerate(job.upload_keys):
         data = scope.get("uploads", upload_key)
         try:
-            image = ingest.open_sanitized(data)
-        except Exception as error:  # a damaged stored object must not stop the person's other photos
-            rejected.append({"key": upload_key, "reason": "decode_failed",
-                             "message": f"stored photo {index + 1} could not be decoded: {error}"})
+            decoded.append((upload_key, ingest.open_sanitized(data)))
+        except Exception:  # a damaged stored object must not stop the person's other photos
+            rejected.append({"key": upload_key, "reason": "decode_failed", "scores": {},
+                             "message": f"{names[upload_key]}: the stored photo could not be decoded; upload it again"})
+    models = faces.load_face_models()  # once per process
+    verdicts = faces.check_person_photos([(names[key], image) for key, image in decoded], models, gate)
+    size = crop_resolution(training_resolution)
+    accepted: list[str] = []
+    checks = []
+    for (upload_key, image), verdict in zip(decoded, verdicts):
+        checks.append({"key": upload_key, "accepted": verdict.accepted, "reason": verdict.reason,
+                       "scores": verdict.scores})
+        if not verdict.accepted:
+            rejected.append({"key": upload_key, "reason": verdict.reason, "message": verdict.message,
+                             "scores": verdict.scores})
             continue
-        # Face-aware checks (one face, sharp, lit, same person) and aligned crops plug in here.
-        crop = ingest.training_crop(image, size)
-        buffer = io.BytesIO()
-        crop.save(buffer, format="PNG")
-        result.objects.append(scope.put("derived", keys.crop_key(job.ref, index), buffer.getvalue(),
+        crop = faces.aligned_crop(image, verdict.observation, size)
+        index = job.upload_keys.index(upload_key)
+        result.objects.append(scope.put("derived", keys.crop_key(job.ref, index), _png(crop),
                                         content_type="image/png"))
         accepted.append(upload_key)
-    result.details = {"accepted": accepted, "rejected": rejected}
+    checks += [{"key": r["key"], "accepted": False, "reason": r["reason"], "scores": {}}
+               for r in rejected if r["reason"] == "decode_failed"]
+    references = faces.reference_embeddings(verdicts)
+    if references:
+        result.objects.append(scope.put("derived", keys.identity_reference_key(job.ref),
+                                        json.dumps({"embeddings": references}).encode(),
+                                        content_type="application/json"))
+    result.details = {"accepted": accepted, "rejected": rejected, "checks": checks}
     result.seconds = time.perf_counter() - started
     return result
 
@@ -94,7 +124,7 @@ def run_package_person(store: ArtifactStore, job: PersonJob, headshots: list[dic
     tiles = []
     for record in sorted(headshots, key=lambda h: (h["style"], h["index"])):
         image = Image.open(io.BytesIO(scope.get("outputs", record["key"]))).convert("RGB")
-        tiles.append((image, f"{record['style']} #{record['index']} seed {record['seed']}"))
+        tiles.append((image, f"{record['style']} #{record['index']} {_quality_caption(record.get('quality'))}"))
     if tiles:
         sheet = package.contact_sheet(tiles, columns=max(1, min(4, len(tiles))), title=job.person_id)
         result.objects.append(scope.put("outputs", keys.person_contact_sheet_key(job.ref), _png(sheet),
@@ -122,13 +152,14 @@ def run_package_batch(store: ArtifactStore, *, tenant: str, batch_id: str, batch
                 "negative_prompt": record["negative_prompt"], "seed": record["seed"], "model": base_model,
                 "key": record["key"], "file": download_path(person["person_id"], record["key"]),
                 "timings": {"generate_s": round(record["seconds"], 4)},
+                "quality": record.get("quality") or {},
             })
         if person["headshots"]:
             first = sorted(person["headshots"], key=lambda h: (h["style"], h["index"]))[0]
             image = Image.open(io.BytesIO(store.get("outputs", first["key"]))).convert("RGB")
             tiles.append((image, person["person_id"]))
         manifest_persons.append({"person_id": person["person_id"], "state": person["state"], "images": images,
-                                 "timings": person.get("timings_s", {})})
+                                 "timings": person.get("timings_s", {}), "flags": person.get("flags", [])})
     manifest = package.build_batch_manifest(tenant=tenant, batch_id=batch_id, batch_name=batch_name,
                                             base_model=base_model, persons=manifest_persons,
                                             generated_at=utc_now_iso())
@@ -140,6 +171,15 @@ def run_package_batch(store: ArtifactStore, *, tenant: str, batch_id: str, batch
                                         content_type="image/png"))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _quality_caption(quality: dict | None) -> str:
+    """What a contact sheet says under each image: the identity check's verdict and distance."""
+    if not quality or quality.get("status") == "not_applicable":
+        return "id n/a"
+    distance = quality.get("identity_distance")
+    verdict = "ok" if quality.get("status") == "pass" else "FAIL"
+    return f"id {verdict} {distance:.2f}" if distance is not None else f"id {verdict}"
 
 
 def download_path(person_id: str, key: str) -> str:

@@ -16,14 +16,19 @@ Both calls are therefore safe to repeat.
 from __future__ import annotations
 
 import functools
+import io
+import json
 import logging
+import math
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from cluster.jobs import PersonJob, StageResult
-from cluster.stages import load_crops
+from cluster.stages import gate_config, load_crops
+from pipeline import package
 from storage import keys
 from storage.crypto import key_store_for
 from storage.scoped import PersonScope
@@ -36,16 +41,22 @@ REVOKED_MAX = 100_000
 
 
 def _forgets_person_key(stage):
-    """Drop the person's data key from the worker's cache when the stage ends, however it ends: a key
-    kept between calls would outlive the person's deletion in this process."""
+    """One GPU stage at a time, and the person's data key dropped from the cache when it ends.
+
+    The actor takes several calls at once so that revoke/purge reach it mid-stage; the stages
+    themselves share one resident pipeline and must not overlap (a coordinator that restarts may
+    re-send a stage the worker is still running). A key kept between calls would outlive the person's
+    deletion in this process.
+    """
 
     @functools.wraps(stage)
     def run(self, job: PersonJob, *args, **kwargs):
-        try:
-            return stage(self, job, *args, **kwargs)
-        finally:
-            if self.key_store is not None:
-                self.key_store.forget(job.ref)
+        with self._stage_lock:
+            try:
+                return stage(self, job, *args, **kwargs)
+            finally:
+                if self.key_store is not None:
+                    self.key_store.forget(job.ref)
 
     return run
 
@@ -81,6 +92,7 @@ class GpuWorker:
         # Person prefixes being deleted: any step or write for them is refused from now on. Bounded,
         # because ids are never reused (batch ids are unique), so old entries only cost memory.
         self._revoked: dict[str, float] = {}
+        self._stage_lock = threading.Lock()
 
     # --- deletion ----------------------------------------------------------------------------------
 
@@ -221,8 +233,15 @@ class GpuWorker:
 
     @_forgets_person_key
     def generate(self, job: PersonJob) -> StageResult:
-        """Generate the person's headshots; images already stored are kept, not regenerated."""
-        from pipeline import finetune, generate, models, package
+        """Generate the person's headshots, checked against their own face; delivered images are stored.
+
+        With a real base model every candidate is scored (face found, identity distance to the person's
+        accepted photos, sharpness); candidates that fail are replaced by new seeds until enough pass or
+        ``ingest.regeneration_budget`` × the requested count is spent, and the best by identity are
+        delivered. The built-in ``tiny`` model makes noise, so its images are delivered with the check
+        recorded as ``not_applicable``. Slots already stored by an interrupted attempt are kept.
+        """
+        from pipeline import faces, finetune, generate, models
 
         started = time.perf_counter()
         pipe = self._pipeline(job.base_model)
@@ -230,7 +249,10 @@ class GpuWorker:
                             revoked=lambda: self.is_revoked(job.ref))
         presets = generate.load_style_presets(self.config.generation.styles_file or None)
         styles = generate.resolve_styles(list(job.styles), presets)
-        if job.base_model == models.TINY_MODEL:
+        tiny = job.base_model == models.TINY_MODEL
+        checks_setting = self.config.generation.output_checks
+        checked = checks_setting == "on" or (checks_setting == "auto" and not tiny)
+        if tiny:
             # The built-in test model only works at its native size and needs only a few steps: it
             # makes noise either way, so spend as little CPU as possible on it.
             size_override, steps_override = models.native_resolution(pipe), self.config.generation.steps_override or 4
@@ -239,45 +261,117 @@ class GpuWorker:
             steps_override = self.config.generation.steps_override
         if steps_override:
             styles = [_with_steps(style, steps_override) for style in styles]
-
         extension = ".png" if self.config.generation.image_format == "PNG" else ".jpg"
-        existing = set(scope.list("outputs", "headshots/"))
-        skip = set()
-        for style in styles:
-            for index in range(job.images_per_style):
-                seed = generate.seed_for(job.person_id, style.name, index)
-                if keys.headshot_key(job.ref, style.name, index, seed, extension) in existing:
-                    skip.add((style.name, index))
-        lora_bytes = scope.get("models", keys.lora_key(job.ref))
         subject = finetune.instance_subject(self._train_config(pipe))
+        references = self._reference_embeddings(scope, job) if checked else None
+        face_models = faces.load_face_models() if references else None
+        gate = gate_config(self.config)
 
+        def judge(image) -> dict:
+            if not checked:
+                return faces.not_applicable()
+            if not references:
+                return {**faces.not_applicable(), "reason": "no accepted photo embeddings to compare with"}
+            return faces.score_output(image, face_models, references, gate)
+
+        stored_slots = _stored_slots(scope.list("outputs", "headshots/"))
+        lora_bytes = scope.get("models", keys.lora_key(job.ref))
         result = StageResult()
-        records = []
-        for image in generate.generate_headshots(
-                pipe, lora_bytes, subject=subject, styles=styles, images_per_style=job.images_per_style,
-                person_id=job.person_id, batch_size=self.config.generation.batch_size, skip=skip,
-                size_override=size_override):
-            key = keys.headshot_key(job.ref, image.style, image.index, image.seed, extension)
-            data = package.encode_headshot(image.image, fmt=self.config.generation.image_format)
-            stored = scope.put("outputs", key, data, content_type="image/png" if extension == ".png" else "image/jpeg")
-            result.objects.append(stored)
-            self.report_objects(job, [stored])
-            result.images_by_style[image.style] = result.images_by_style.get(image.style, 0) + 1
-            records.append({"style": image.style, "index": image.index, "seed": image.seed, "key": key,
-                            "prompt": image.prompt, "negative_prompt": image.negative_prompt,
-                            "seconds": image.seconds})
-        # Images stored by an earlier, interrupted attempt: same keys, same seeds, so describe them too.
-        by_name = {style.name: style for style in styles}
-        for style_name, index in sorted(skip):
-            seed = generate.seed_for(job.person_id, style_name, index)
-            records.append({"style": style_name, "index": index, "seed": seed,
-                            "key": keys.headshot_key(job.ref, style_name, index, seed, extension),
-                            "prompt": by_name[style_name].render_prompt(subject),
-                            "negative_prompt": by_name[style_name].negative_prompt, "seconds": 0.0})
-        result.details = {"headshots": records, "skipped": sorted(skip), "worker": self.worker_id}
+        records, distances, flags = [], [], []
+        regenerated = 0
+        for style in styles:
+            wanted = job.images_per_style
+            done = {slot: (seed, key) for (name, slot), (seed, key) in stored_slots.items() if name == style.name}
+            for slot, (seed, key) in sorted(done.items()):  # kept from an interrupted attempt
+                quality = judge(_open_image(scope.get("outputs", key))) if checked else faces.not_applicable()
+                records.append(_record(style, slot, seed, key, subject, 0.0, quality))
+            missing_slots = [slot for slot in range(wanted) if slot not in done]
+            if not missing_slots:
+                continue
+            used_seeds = {seed for seed, _ in done.values()}
+            budget = max(len(missing_slots), math.ceil(self.config.ingest.regeneration_budget * wanted)) \
+                if checked else len(missing_slots)
+            candidates = []
+
+            def run_round(count: int, skip: set) -> None:
+                for image in generate.generate_headshots(
+                        pipe, lora_bytes, subject=subject, styles=[style], images_per_style=count,
+                        person_id=job.person_id, batch_size=self.config.generation.batch_size, skip=skip,
+                        size_override=size_override):
+                    quality = judge(image.image)
+                    if quality.get("identity_distance") is not None:
+                        distances.append(quality["identity_distance"])
+                    candidates.append((quality, image))
+
+            if not checked:
+                # One image per missing slot, with the slot's own seed: a retry reproduces it exactly.
+                run_round(wanted, {(style.name, i) for i in range(wanted) if i not in missing_slots})
+            else:
+                next_index = 0
+                while next_index < budget and _passing(candidates) < len(missing_slots):
+                    shortfall = len(missing_slots) - _passing(candidates)
+                    # First round: exactly what is missing; later rounds: twice the shortfall (most
+                    # candidates pass with a good LoRA, so a small top-up usually suffices).
+                    upto = min(budget, next_index + (shortfall if not candidates else 2 * shortfall))
+                    run_round(upto, {(style.name, i) for i in range(upto) if i < next_index
+                                     or generate.seed_for(job.person_id, style.name, i) in used_seeds})
+                    next_index = upto
+            # Best first: passing images, then by identity distance (the closest look most like them).
+            candidates.sort(key=lambda c: (c[0]["status"] == "fail", c[0].get("identity_distance") or 0.0))
+            delivered = candidates[:len(missing_slots)]
+            regenerated += max(0, len(candidates) - len(missing_slots))
+            slots = missing_slots if checked else [image.index for _, image in delivered]
+            for slot, (quality, image) in zip(slots, delivered):
+                key = keys.headshot_key(job.ref, style.name, slot, image.seed, extension)
+                stored = scope.put("outputs", key, package.encode_headshot(image.image,
+                                                                          fmt=self.config.generation.image_format),
+                                   content_type="image/png" if extension == ".png" else "image/jpeg")
+                result.objects.append(stored)
+                self.report_objects(job, [stored])
+                result.images_by_style[style.name] = result.images_by_style.get(style.name, 0) + 1
+                records.append(_record(style, slot, image.seed, key, subject, image.seconds, quality))
+            passed = _passing(delivered)
+            if checked and references and passed < len(missing_slots):
+                flags.append(f"identity: {passed} of {len(missing_slots)} {style.name} headshots passed the "
+                             f"identity check within {budget} candidates; the rest are the closest found")
+        result.details = {"headshots": records, "worker": self.worker_id, "identity_distances": distances,
+                          "regenerated": regenerated, "identity_flag": "; ".join(flags) or None}
         result.seconds = time.perf_counter() - started
         self.busy_s += result.seconds
         return result
+
+    def _reference_embeddings(self, scope: PersonScope, job: PersonJob) -> list[list[float]] | None:
+        key = keys.identity_reference_key(job.ref)
+        if not scope.exists("derived", key):
+            return None
+        return json.loads(scope.get("derived", key))["embeddings"]
+
+
+def _passing(candidates) -> int:
+    return sum(1 for quality, _ in candidates if quality["status"] == "pass")
+
+
+def _record(style, slot: int, seed: int, key: str, subject: str, seconds: float, quality: dict) -> dict:
+    return {"style": style.name, "index": slot, "seed": seed, "key": key, "prompt": style.render_prompt(subject),
+            "negative_prompt": style.negative_prompt, "seconds": seconds, "quality": quality}
+
+
+def _stored_slots(output_keys: list[str]) -> dict[tuple[str, int], tuple[int, str]]:
+    """(style, slot) → (seed, key) of headshots already stored: ``.../headshots/<style>/<slot>-<seed>.<ext>``."""
+    slots = {}
+    for key in output_keys:
+        style, filename = key.rsplit("/", 2)[-2:]
+        stem = filename.rsplit(".", 1)[0]
+        slot, _, seed = stem.partition("-")
+        if slot.isdigit() and seed.isdigit():
+            slots[(style, int(slot))] = (int(seed), key)
+    return slots
+
+
+def _open_image(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def _with_steps(style, steps: int):

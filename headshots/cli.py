@@ -101,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("--json", action="store_true")
     download.set_defaults(handler=cmd_download)
 
+    check = commands.add_parser("check", help="run the upload checks on photos (treated as one person's)")
+    check.add_argument("photos", nargs="+", metavar="PHOTO_OR_DIR")
+    check.add_argument("--json", action="store_true", help="a JSON array of {file, accepted, reason, message, scores}")
+    check.set_defaults(handler=cmd_check)
+
     delete = commands.add_parser("delete", help="delete a person's, batch's or tenant's photos and models now")
     delete.add_argument("--tenant", required=True)
     delete.add_argument("--batch")
@@ -277,6 +282,37 @@ def cmd_demo(args, config) -> int:
         print(f"done in {document['seconds']} s: {len(download['files'])} files in {document['output_dir']}")
         print("the stack is still running: `headshots status`, `headshots download`, `headshots down`")
     return EXIT_OK if all(p["state"] == "done" for p in summary["persons"]) else EXIT_ERROR
+
+
+def cmd_check(args, config) -> int:
+    """Upload checks only (no stack needed). Exit 0 even when photos are rejected: that is the answer."""
+    from pipeline import faces
+
+    paths: list[Path] = []
+    for entry in args.photos:
+        path = Path(entry)
+        if path.is_dir():
+            paths.extend(sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")))
+        elif path.exists():
+            paths.append(path)
+        else:
+            raise UsageError(f"{entry}: no such file or folder")
+    if not paths:
+        raise UsageError("no photos to check: name files or folders that contain some")
+    from cluster.stages import gate_config
+
+    verdicts = faces.check_files(paths, faces.load_face_models(), gate_config(config),
+                                 max_pixels=config.ingest.max_pixels, max_bytes=config.ingest.max_bytes,
+                                 min_side=config.ingest.min_side_px)
+    if args.json:
+        print(json.dumps([verdict.to_dict() for verdict in verdicts], indent=1))
+    else:
+        for verdict in verdicts:
+            mark = "ok  " if verdict.accepted else "NO  "
+            print(f"{mark}{verdict.file}: {verdict.message}")
+        accepted = sum(v.accepted for v in verdicts)
+        print(f"{accepted} of {len(verdicts)} photos accepted; a person needs {config.ingest.min_photos}")
+    return EXIT_OK
 
 
 # --- retention and deletion ---------------------------------------------------------------------

@@ -104,13 +104,24 @@ class IngestConfig:
     max_bytes: int = 30 * 1024 * 1024
     min_side_px: int = 64
     # A person needs this many accepted photos, otherwise it ends in `needs_photos`.
-    min_photos: int = 1
+    min_photos: int = 4
+    # Face embeddings (dlib, 128-d) farther than this from the person's medoid are "not the same person";
+    # also the bar a generated headshot must pass. dlib's own same-person threshold is 0.6.
+    max_identity_distance: float = 0.6
+    # Generated images that fail the identity check are regenerated with new seeds, up to this many
+    # times the requested count per style.
+    regeneration_budget: float = 3.0
 
     def __post_init__(self) -> None:
         _require_range("ingest.max_pixels", self.max_pixels, 10_000, 400_000_000)
         _require_range("ingest.max_bytes", self.max_bytes, 1024, 1 << 31)
         _require_range("ingest.min_side_px", self.min_side_px, 8, 4096)
         _require_range("ingest.min_photos", self.min_photos, 1, 100)
+        if not 0.1 <= self.max_identity_distance <= 1.5:
+            raise ConfigError(f"ingest.max_identity_distance must be between 0.1 and 1.5 but is "
+                              f"{self.max_identity_distance}")
+        if not 1.0 <= self.regeneration_budget <= 10.0:
+            raise ConfigError(f"ingest.regeneration_budget must be between 1 and 10 but is {self.regeneration_budget}")
 
 
 @dataclass(frozen=True)
@@ -158,12 +169,17 @@ class GenerationConfig:
     steps_override: int = 0
     # A user YAML of extra/overriding style presets.
     styles_file: str = ""
+    # Identity checks on generated images: "auto" (on for real models, not_applicable for the built-in
+    # tiny model, whose images are noise), "on", or "off".
+    output_checks: str = "auto"
 
     def __post_init__(self) -> None:
         _require_range("generation.batch_size", self.batch_size, 1, 64)
         if self.image_format not in ("PNG", "JPEG"):
             raise ConfigError(f"generation.image_format must be PNG or JPEG but is {self.image_format!r}")
         _require_range("generation.steps_override", self.steps_override, 0, 200)
+        if self.output_checks not in ("auto", "on", "off"):
+            raise ConfigError(f"generation.output_checks must be auto, on or off but is {self.output_checks!r}")
         if self.size_override and self.size_override % 8:
             raise ConfigError(f"generation.size_override must be a multiple of 8 but is {self.size_override}")
 

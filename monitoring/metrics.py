@@ -15,6 +15,7 @@ STAGE_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 PERSON_STATES = ("queued", "ingesting", "training", "generating", "packaging",
                  "done", "needs_photos", "failed", "cancelled", "deleted")
 ARTIFACT_CLASSES = ("uploads", "derived", "models", "outputs", "state", "receipts")
+IDENTITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 1.0)
 SWEEP_BUCKETS_S = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
 DELETION_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
@@ -28,6 +29,10 @@ class PipelineMetrics:
     stage_errors_total: Counter
     photos_rejected_total: Counter
     batches_submitted_total: Counter
+    upload_checks_total: Counter
+    identity_distance: Histogram
+    outputs_regenerated_total: Counter
+    persons_needing_photos: Gauge
 
 
 def create_pipeline_metrics(registry: CollectorRegistry) -> PipelineMetrics:
@@ -48,6 +53,16 @@ def create_pipeline_metrics(registry: CollectorRegistry) -> PipelineMetrics:
                                       ["reason"], registry=registry),
         batches_submitted_total=Counter("headshots_batches_submitted_total", "Batches submitted.",
                                         registry=registry),
+        upload_checks_total=Counter("upload_checks_total", "Uploaded photos checked by the identity gate.",
+                                    ["result", "reason"], registry=registry),
+        identity_distance=Histogram("identity_distance",
+                                    "Face-embedding distance of generated headshots to the person's photos "
+                                    "(dlib; same person < 0.6).", buckets=IDENTITY_BUCKETS, registry=registry),
+        outputs_regenerated_total=Counter("outputs_regenerated_total",
+                                          "Extra images generated because candidates failed the identity check.",
+                                          registry=registry),
+        persons_needing_photos=Gauge("persons_needing_photos", "Persons waiting for more usable photos.",
+                                     registry=registry),
     )
 
 

@@ -54,7 +54,12 @@ JPEG_QUALITY = 95
 # Faces sit in the upper-middle of selfies, so a centred crop cuts the forehead and keeps the chest.
 FACE_VERTICAL_BIAS = 0.35
 
-REJECTION_REASONS = ("decode_failed", "format_not_allowed", "too_many_pixels", "too_small", "too_large_file")
+UPLOAD_REJECTION_REASONS = ("decode_failed", "format_not_allowed", "too_many_pixels", "too_small", "too_large_file")
+# Decided by the identity gate (pipeline/faces.py) after sanitising; listed here so that one tuple names
+# every reason a photo can be turned away for (metrics labels, the CLI's JSON, PhotoRejected).
+FACE_REJECTION_REASONS = ("no_face", "multiple_faces", "face_too_small", "blurry", "too_dark", "too_bright",
+                          "duplicate", "different_person")
+REJECTION_REASONS = UPLOAD_REJECTION_REASONS + FACE_REJECTION_REASONS
 ALLOWED_FORMATS_TEXT = "JPEG, PNG or WebP"
 
 # Text chunks are decompressed only to classify them (XMP or not); a zlib bomb must not cost memory.
@@ -182,9 +187,7 @@ def sanitize_upload(
         raise PhotoRejected("decode_failed", filename,
                             f"{name}: the file is empty; upload a {ALLOWED_FORMATS_TEXT} photo")
     if len(data) > max_bytes:
-        raise PhotoRejected("too_large_file", filename,
-                            f"{name}: the file is {_megabytes(len(data))} MB; photos may be at most "
-                            f"{_megabytes(max_bytes)} MB")
+        raise file_too_large(filename, size_bytes=len(data), max_bytes=max_bytes)
 
     image_format = _identify_format(data, filename, name)
 
@@ -241,6 +244,22 @@ def sanitize_upload(
         raise RuntimeError(f"re-encoded photo still carries metadata: {[b.where for b in leftovers]}")
     return SanitizedPhoto(data=encoded, format=output_format, width=rgb.width, height=rgb.height,
                           sha256=hashlib.sha256(encoded).hexdigest(), source_filename=filename)
+
+
+def file_too_large(filename: str, *, size_bytes: int, max_bytes: int) -> PhotoRejected:
+    """The rejection for an upload over ``max_bytes``, for callers that know the size before reading.
+
+    Args:
+        filename: The file name as uploaded.
+        size_bytes: The file's size in bytes.
+        max_bytes: Largest accepted upload size in bytes.
+
+    Returns:
+        A ``too_large_file`` :class:`PhotoRejected` (not raised).
+    """
+    return PhotoRejected("too_large_file", filename,
+                         f"{display_name(filename)}: the file is {_megabytes(size_bytes)} MB; photos may be at "
+                         f"most {_megabytes(max_bytes)} MB")
 
 
 def to_rgb(image: Image.Image, *, icc_profile: bytes | None = None) -> Image.Image:
@@ -771,6 +790,18 @@ def _display_name(filename: str) -> str:
     if len(base) > 120:
         base = base[:117] + "..."
     return base or "photo"
+
+
+def display_name(filename: str) -> str:
+    """The file's base name as messages show it: no folders, no control characters, at most 120 characters.
+
+    Args:
+        filename: A file name or path as uploaded.
+
+    Returns:
+        The safe base name (``"photo"`` when nothing is left).
+    """
+    return _display_name(filename)
 
 
 def _megabytes(size_bytes: int) -> str:

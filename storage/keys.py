@@ -98,6 +98,11 @@ def training_cache_key(person: PersonRef) -> str:
     return f"{person.prefix}cache/training-cache.safetensors"
 
 
+def identity_reference_key(person: PersonRef) -> str:
+    """Face embeddings of the accepted photos: biometric data, so a derived artifact (retention deletes it)."""
+    return f"{person.prefix}identity/reference-embeddings.json"
+
+
 def checkpoint_key(person: PersonRef) -> str:
     # One key, overwritten: older checkpoints stay as noncurrent versions until retention deletes them.
     return f"{person.prefix}checkpoints/train-state.pt"

@@ -47,10 +47,14 @@ class HeadshotRecord:
     prompt: str
     negative_prompt: str
     seconds: float
+    # The output check: {status: pass|fail|not_applicable, identity_distance, sharpness, ...}.
+    quality: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "HeadshotRecord":
-        return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
+        values = {name: data.get(name) for name in cls.__dataclass_fields__ if name in data}
+        values["quality"] = dict(data.get("quality") or {})
+        return cls(**values)
 
 
 @dataclass
@@ -69,6 +73,8 @@ class PersonState:
     headshots: list[HeadshotRecord] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     train_steps_done: int = 0
+    # Delivered with a caveat, e.g. the identity budget ran out before enough candidates passed.
+    flags: list[str] = field(default_factory=list)
     created_at: str = field(default_factory=utc_now_iso)
     updated_at: str = field(default_factory=utc_now_iso)
     # When the person reached a final state: the retention clock starts here, never from object times.
@@ -117,6 +123,7 @@ class PersonState:
         values["attempts"] = dict(data.get("attempts") or {})
         values["retention"] = dict(data.get("retention") or {})
         values["receipt_ids"] = list(data.get("receipt_ids") or [])
+        values["flags"] = list(data.get("flags") or [])
         values["timings_s"] = dict(data.get("timings_s") or {})
         return cls(**values)
 
@@ -124,7 +131,9 @@ class PersonState:
         """What `status --json` shows: ids and progress, no names."""
         return {"person_id": self.person_id, "state": self.state, "stage": self.stage,
                 "headshots": len(self.headshots), "photos_accepted": self.photos_accepted,
-                "error": self.error}
+                "error": self.error, "flags": list(self.flags),
+                "photos_rejected": [{"index": p.index, "file": p.source, "reason": p.reason, "message": p.message}
+                                    for p in self.photos if not p.accepted]}
 
 
 @dataclass

@@ -38,13 +38,18 @@ def finished_batch(coordinator, base_config, store, tmp_path_factory):
     manifest = BatchManifest(
         tenant="acme-it", name="Integration team", base_model="tiny", styles=STYLES,
         images_per_style=IMAGES_PER_STYLE,
-        persons=[PersonSpec("grace-hopper", "Grace Hopper", "grace@example.com", grace),
-                 PersonSpec("eileen-collins", "Eileen Collins", None, eileen[:3] + [junk]),
+        # Grace's set includes one photo of Eileen: the identity gate must turn it away.
+        persons=[PersonSpec("grace-hopper", "Grace Hopper", "grace@example.com", grace + eileen[1:2]),
+                 PersonSpec("eileen-collins", "Eileen Collins", None, eileen[:4] + [junk]),
                  PersonSpec("nobody", "No Photos", None, [junk])], consent=TEST_CONSENT)
     submitted = client.submit_batch(base_config, manifest, start=False)
     ray.get(coordinator.submit.remote(submitted.tenant, submitted.batch_id))
     final_state = ray.get(coordinator.wait.remote(submitted.tenant, submitted.batch_id, 600))
     return submitted, final_state
+
+
+def eileen_photo_name() -> str:
+    return sorted((EXAMPLES / "eileen-collins").iterdir())[1].name
 
 
 def test_batch_finishes_with_every_person_in_a_final_state(finished_batch, base_config):
@@ -57,6 +62,9 @@ def test_batch_finishes_with_every_person_in_a_final_state(finished_batch, base_
     assert by_person["nobody"]["state"] == "needs_photos"
     assert by_person["grace-hopper"]["headshots"] == len(STYLES) * IMAGES_PER_STYLE
     assert "photo" in by_person["nobody"]["error"]
+    rejected = {r["file"]: r["reason"] for r in by_person["grace-hopper"]["photos_rejected"]}
+    assert rejected == {eileen_photo_name(): "different_person"}
+    assert by_person["grace-hopper"]["photos_accepted"] == 6
 
 
 def test_every_expected_object_is_stored_under_the_key_layout(finished_batch, store):
@@ -130,7 +138,7 @@ def test_a_killed_coordinator_restarts_and_finishes_the_batch(coordinator, base_
 
     from storage.state import StateStore
 
-    photos = sorted((EXAMPLES / "eileen-collins").iterdir())[:3]
+    photos = sorted((EXAMPLES / "eileen-collins").iterdir())[:4]
     manifest = BatchManifest(tenant="acme-restart", name="Restart team", base_model="tiny", styles=["office"],
                              images_per_style=1,
                              persons=[PersonSpec(f"p{i}", f"Person {i}", None, photos) for i in range(3)],
@@ -151,7 +159,7 @@ def test_a_killed_coordinator_restarts_and_finishes_the_batch(coordinator, base_
         assert time.monotonic() < deadline, "the restarted coordinator did not finish the batch"
         time.sleep(1)
     persons = states.load_persons(batch)
-    assert [p.state for p in persons] == ["done"] * 3
+    assert [p.state for p in persons] == ["done"] * 3, [(p.person_id, p.state, p.error) for p in persons]
     for person in persons:
         assert len(person.headshots) == 1
         assert set(store.list_keys("outputs", person.ref.prefix + "headshots/")) == {person.headshots[0].key}

@@ -197,13 +197,13 @@ def test_a_revoked_person_gets_nothing_written(store, key_store, tenant):
 
 def test_the_pipeline_stages_run_encrypted_and_stop_once_the_key_is_destroyed(store, secure_config, key_store,
                                                                                tenant):
-    photos = sorted((EXAMPLES / "grace-hopper").iterdir())[:3]
+    photos = sorted((EXAMPLES / "grace-hopper").iterdir())[:4]
     person = upload_person(store, secure_config, tenant=tenant, batch_id="b1",
                            spec=PersonSpec("grace", "Grace Hopper", None, photos), consent=TEST_CONSENT)
     job = PersonJob(tenant=tenant, batch_id="b1", person_id="grace", base_model=models.TINY_MODEL,
                     styles=("office",), images_per_style=1,
                     upload_keys=tuple(p.key for p in person.photos if p.accepted))
-    assert len(job.upload_keys) == 3
+    assert len(job.upload_keys) == 4
     ingested = run_ingest(store, job, training_resolution=0, key_store=key_store)
     worker = GpuWorker(secure_config, "crypto-worker")
     assert worker.key_store is not None

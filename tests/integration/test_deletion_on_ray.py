@@ -66,7 +66,7 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
 def test_deleting_a_person_mid_fine_tune_stops_it_and_leaves_nothing(coordinator, controller, slow_config, store):
     import ray
 
-    photos = sorted((EXAMPLES / "grace-hopper").iterdir())[:3]
+    photos = sorted((EXAMPLES / "grace-hopper").iterdir())[:4]
     manifest = BatchManifest(tenant="acme-del", name="Deletion team", base_model="tiny", styles=["office"],
                              images_per_style=1,
                              persons=[PersonSpec("ada", "Ada Lovelace", "ada@example.com", photos),

@@ -73,7 +73,9 @@ def test_uploads_are_stored_without_metadata_and_bad_files_recorded(store, key_s
     not_an_image.write_text("this is not a photo")
     spec = PersonSpec(person_id="grace", name="Grace Hopper", email=None,
                       photos=[gps_photo, not_an_image], missing=["gone.jpg"])
-    person = upload_person(store, base_config, tenant=tenant, batch_id="b1", spec=spec, consent=TEST_CONSENT)
+    one_photo_is_enough = base_config.replace(ingest=base_config.ingest.__class__(min_photos=1))
+    person = upload_person(store, one_photo_is_enough, tenant=tenant, batch_id="b1", spec=spec,
+                           consent=TEST_CONSENT)
     assert person.state == "queued" and person.photos_accepted == 1
     assert person.consent["given_by"] == "Grace Hopper" and person.consent["collected_by"] == "test-suite"
     assert person.last_upload_at

@@ -27,7 +27,7 @@ def worker(base_config):
 
 
 def _ingested_person(store, config, tenant: str, person_id: str) -> PersonJob:
-    photos = sorted((EXAMPLES / "grace-hopper").iterdir())[:3]
+    photos = sorted((EXAMPLES / "grace-hopper").iterdir())[:4]
     person = upload_person(store, config, tenant=tenant, batch_id="b1",
                            spec=PersonSpec(person_id, "Someone", None, photos), consent=TEST_CONSENT)
     job = PersonJob(tenant=tenant, batch_id="b1", person_id=person_id, base_model=models.TINY_MODEL,
@@ -104,3 +104,37 @@ def test_base_model_from_the_store_is_copied_once_and_stays_resident(base_config
     assert worker._pipeline(source) is pipe and worker.pipeline_loads == 1
     with pytest.raises(ValueError, match="names no objects"):
         worker._pipeline(f"s3://{bucket}/_system/base-models/missing/")
+
+
+def test_output_checks_regenerate_up_to_the_budget_and_flag_the_person(store, base_config, tenant):
+    """Forced on for the tiny model: its noise never shows a face, so every candidate fails, the worker
+    spends the whole budget (3 × requested), delivers the requested count, and flags the person."""
+    config = base_config.replace(generation=base_config.generation.__class__(batch_size=2, output_checks="on"))
+    worker = GpuWorker(config, "checked-worker")
+    job = _ingested_person(store, config, tenant, "checked")
+    worker.train(job)
+    result = worker.generate(job)
+    records = result.details["headshots"]
+    assert len(records) == 4 and len(result.objects) == 4  # only delivered images are stored
+    assert all(r["quality"]["status"] == "fail" and r["quality"]["reason"] == "no_face" for r in records)
+    # 2 styles × 2 images, budget 3× per style: 6 candidates per style, 4 of them extra.
+    assert result.details["regenerated"] == 8
+    assert "identity: 0 of 2" in result.details["identity_flag"]
+
+
+def test_the_tiny_model_records_output_checks_as_not_applicable(worker, store, base_config, tenant):
+    job = _ingested_person(store, base_config, tenant, "tiny")
+    worker.train(job)
+    result = worker.generate(job)
+    assert {r["quality"]["status"] for r in result.details["headshots"]} == {"not_applicable"}
+    assert result.details["regenerated"] == 0 and result.details["identity_flag"] is None
+
+
+def test_ingest_keeps_reference_embeddings_as_encrypted_derived_data(worker, store, key_store, base_config, tenant):
+    job = _ingested_person(store, base_config, tenant, "refs")
+    key = keys.identity_reference_key(job.ref)
+    assert key in set(store.list_keys("derived", job.ref.prefix))
+    import json
+
+    embeddings = json.loads(read_version(store, key_store, "derived", key))["embeddings"]
+    assert len(embeddings) == 4 and all(len(e) == 128 for e in embeddings)
