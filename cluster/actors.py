@@ -204,29 +204,30 @@ class RetentionControllerActor(RetentionController):
                              "timings_s": p.timings_s, "flags": p.flags} for p in persons]}))
 
 
-def get_or_create_retention_controller(config, *, metrics_port: int | None):
-    """The running retention controller, created if absent. Call after ``ray.init``."""
+def _get_or_create_singleton(actor_class, name: str, config, metrics_port: int | None, *, max_concurrency: int):
+    """A named, detached, forever-restarted actor of the stack (created on first use)."""
     namespace = config.ray.namespace
     try:
-        return ray.get_actor(RETENTION_NAME, namespace=namespace)
+        return ray.get_actor(name, namespace=namespace)
     except ValueError:
-        handle = ray.remote(RetentionControllerActor).options(
-            name=RETENTION_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
-            num_cpus=0, max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES, max_concurrency=4,
+        return ray.remote(actor_class).options(
+            name=name, namespace=namespace, lifetime="detached", get_if_exists=True, num_cpus=0,
+            max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES, max_concurrency=max_concurrency,
         ).remote(config, metrics_port, namespace)
-        ray.get(handle.ping.remote())
-        return handle
+
+
+def get_or_create_retention_controller(config, *, metrics_port: int | None):
+    """The running retention controller, created if absent. Call after ``ray.init``."""
+    handle = _get_or_create_singleton(RetentionControllerActor, RETENTION_NAME, config, metrics_port,
+                                      max_concurrency=4)
+    ray.get(handle.ping.remote())
+    return handle
 
 
 def get_or_create_coordinator(config, *, metrics_port: int | None):
     """The running coordinator, created (and started) if absent. Call after ``ray.init``."""
-    namespace = config.ray.namespace
-    try:
-        handle = ray.get_actor(COORDINATOR_NAME, namespace=namespace)
-    except ValueError:
-        handle = ray.remote(CoordinatorActor).options(
-            name=COORDINATOR_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
-            num_cpus=0, max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES, max_concurrency=1000,
-        ).remote(config, metrics_port, namespace)
+    # Async actor: one event loop drives every batch, so it takes many calls at once.
+    handle = _get_or_create_singleton(CoordinatorActor, COORDINATOR_NAME, config, metrics_port,
+                                      max_concurrency=1000)
     ray.get(handle.start.remote())
     return handle
