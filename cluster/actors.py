@@ -122,6 +122,10 @@ class RayWorkerPool:
         """Tell every worker (busy or not) to refuse any further step or write for these persons."""
         return list(await asyncio.gather(*(worker.revoke.remote(prefixes) for worker in self.workers)))
 
+    async def allow(self, prefixes: list[str]) -> list[dict[str, Any]]:
+        """Lift a revocation made for a cancellation (never called for a deletion)."""
+        return list(await asyncio.gather(*(worker.allow.remote(prefixes) for worker in self.workers)))
+
 
 def start_gpu_workers(config, *, namespace: str) -> list:
     """Get or create one worker actor per GPU (names make this idempotent across coordinator restarts)."""

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 MAX_STAGE_ATTEMPTS = 3
 NEXT_STATE = {"queued": "ingesting", "ingesting": "training", "training": "generating",
               "generating": "packaging", "packaging": "done"}
+RETRYABLE_STATES = ("needs_photos", "failed", "cancelled")
 STAGE_BY_STATE = {"ingesting": "ingest", "training": "train", "generating": "generate", "packaging": "package"}
 
 
@@ -43,6 +44,7 @@ class WorkerPool(Protocol):
     async def package_person(self, job: PersonJob, headshots: list[dict[str, Any]]) -> StageResult: ...
     async def package_batch(self, **fields: Any) -> StageResult: ...
     async def revoke(self, prefixes: list[str]) -> list[dict[str, Any]]: ...
+    async def allow(self, prefixes: list[str]) -> list[dict[str, Any]]: ...
 
 
 class PermanentStageError(Exception):
@@ -132,6 +134,56 @@ class Coordinator:
         return {"stopped": len(wanted), "were_running": len(running), "still_running": still_running,
                 "workers": confirmations}
 
+    async def cancel_persons(self, persons: list[dict[str, str]], timeout_s: float = 45.0) -> dict[str, Any]:
+        """Cancel persons that are not final yet: their stages stop, their state becomes ``cancelled``
+        (final: the retention clock starts). Persons already final are left as they are. Idempotent."""
+        wanted = [(p["tenant"], p["batch_id"], p["person_id"]) for p in persons]
+        stopped = await self.stop_persons(persons, timeout_s=timeout_s)
+        cancelled = []
+        for key in wanted:
+            person = await asyncio.to_thread(self.states.load_person, *key)
+            if not person.is_final:
+                person.state, person.stage, person.processed_at = "cancelled", None, utc_now_iso()
+                person.error = "cancelled by an operator"
+                await asyncio.to_thread(index_processed_person, self.store, self.policy, person)
+                await asyncio.to_thread(self.states.save_person, person)
+                self._persons[key] = person
+                cancelled.append(key[2])
+        # Stopped only for the cancellation: a retry may run them again.
+        self._stopped.difference_update(wanted)
+        await self.pool.allow([f"{t}/{b}/{p}/" for t, b, p in wanted])
+        self._update_person_gauge()
+        return {"cancelled": cancelled, "were_running": stopped["were_running"]}
+
+    async def retry_person(self, tenant: str, batch_id: str, person_id: str) -> dict[str, Any]:
+        """Run a person in ``needs_photos``, ``failed`` or ``cancelled`` again from the start.
+
+        Raises:
+            ValueError: the person is in another state (naming it and the states that can be retried).
+        """
+        key = (tenant, batch_id, person_id)
+        if key in self._person_tasks and not self._person_tasks[key].done():
+            raise ValueError(f"person {person_id!r} is being processed; nothing to retry")
+        person = await asyncio.to_thread(self.states.load_person, tenant, batch_id, person_id)
+        if person.state not in RETRYABLE_STATES:
+            raise ValueError(f"person {person_id!r} is {person.state}; only {', '.join(RETRYABLE_STATES)} "
+                             "persons can be retried")
+        person.state, person.stage, person.error, person.processed_at = "queued", None, None, None
+        person.attempts = {}
+        await asyncio.to_thread(self.states.save_person, person)
+        self._stopped.discard(key)
+        await self.pool.allow([f"{tenant}/{batch_id}/{person_id}/"])
+        batch = await asyncio.to_thread(self.states.load_batch, tenant, batch_id)
+        batch_task = self._batches.get((tenant, batch_id))
+        if batch_task is not None and not batch_task.done():
+            self._start_person(batch, person)  # joins the running batch
+        else:
+            batch.state, batch.finished_at = "running", None
+            await asyncio.to_thread(self.states.save_batch, batch)
+            self._launch(tenant, batch_id)
+        self._update_person_gauge()
+        return {"tenant": tenant, "batch_id": batch_id, "person_id": person_id, "state": "queued"}
+
     def ping(self) -> dict[str, Any]:
         return {"metrics_port": self.metrics_port, "pid": os.getpid(),
                 "batches_running": sum(not t.done() for t in self._batches.values())}
@@ -152,16 +204,23 @@ class Coordinator:
             for person in persons:
                 self._persons[(tenant, batch_id, person.person_id)] = person
             self._update_person_gauge()
-            tasks = []
             for person in persons:
-                task = asyncio.get_running_loop().create_task(self._run_person(batch, person))
-                self._person_tasks[(tenant, batch_id, person.person_id)] = task
-                tasks.append(task)
-            await asyncio.gather(*tasks)
+                self._start_person(batch, person)
+            # Persons retried while the batch runs join it, so wait until none of its persons runs.
+            while pending := [task for (t, b, _), task in self._person_tasks.items()
+                              if (t, b) == (tenant, batch_id) and not task.done()]:
+                await asyncio.gather(*pending)
             await self._finish_batch(batch)
         except Exception:
             logger.exception("batch %s/%s stopped on an unexpected error; it resumes on restart", tenant, batch_id)
             raise
+
+    def _start_person(self, batch: BatchState, person: PersonState) -> asyncio.Task:
+        key = (person.tenant, person.batch_id, person.person_id)
+        self._persons[key] = person
+        task = asyncio.get_running_loop().create_task(self._run_person(batch, person))
+        self._person_tasks[key] = task
+        return task
 
     async def _run_person(self, batch: BatchState, person: PersonState) -> None:
         key = (person.tenant, person.batch_id, person.person_id)

@@ -109,6 +109,13 @@ class GpuWorker:
             self._revoked.pop(next(iter(self._revoked)))
         return {"worker_id": self.worker_id, "revoked": len(prefixes), "at": now}
 
+    def allow(self, prefixes: list[str]) -> dict:
+        """Lift a revocation (a cancelled person being retried). Deleted persons are never allowed again:
+        their ids are tombstoned and their key is gone, so nothing could be written for them anyway."""
+        for prefix in prefixes:
+            self._revoked.pop(prefix, None)
+        return {"worker_id": self.worker_id, "allowed": len(prefixes)}
+
     def purge(self, prefixes: list[str]) -> dict:
         """Drop every local copy of these persons: cached data keys, files under the cache folder, and
         (by revoking) any stage still holding their crops or LoRA in memory. Returns the confirmation

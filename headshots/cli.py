@@ -101,6 +101,28 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("--json", action="store_true")
     download.set_defaults(handler=cmd_download)
 
+    cancel = commands.add_parser("cancel", help="cancel a batch, or one person of it")
+    cancel.add_argument("--tenant", required=True)
+    cancel.add_argument("--batch", required=True)
+    cancel.add_argument("--person")
+    cancel.add_argument("--json", action="store_true")
+    cancel.set_defaults(handler=cmd_cancel)
+
+    retry = commands.add_parser("retry", help="run a person in needs_photos, failed or cancelled again")
+    retry.add_argument("--tenant", required=True)
+    retry.add_argument("--batch", required=True)
+    retry.add_argument("--person", required=True)
+    retry.add_argument("--json", action="store_true")
+    retry.set_defaults(handler=cmd_retry)
+
+    add_photos = commands.add_parser("add-photos", help="add photos to a person waiting for them")
+    add_photos.add_argument("--tenant", required=True)
+    add_photos.add_argument("--batch", required=True)
+    add_photos.add_argument("--person", required=True)
+    add_photos.add_argument("files", nargs="+")
+    add_photos.add_argument("--json", action="store_true")
+    add_photos.set_defaults(handler=cmd_add_photos)
+
     check = commands.add_parser("check", help="run the upload checks on photos (treated as one person's)")
     check.add_argument("photos", nargs="+", metavar="PHOTO_OR_DIR")
     check.add_argument("--json", action="store_true", help="a JSON array of {file, accepted, reason, message, scores}")
@@ -282,6 +304,74 @@ def cmd_demo(args, config) -> int:
         print(f"done in {document['seconds']} s: {len(download['files'])} files in {document['output_dir']}")
         print("the stack is still running: `headshots status`, `headshots download`, `headshots down`")
     return EXIT_OK if all(p["state"] == "done" for p in summary["persons"]) else EXIT_ERROR
+
+
+def _coordinator_call(resolved, method: str, *call_args):
+    """Call the coordinator; a ValueError it raises is the operator's input problem (exit 2)."""
+    import ray
+
+    from cluster.actors import get_or_create_coordinator
+    from headshots.stack import connect_ray, load_info
+
+    connect_ray(resolved)
+    info = load_info(resolved)
+    coordinator = get_or_create_coordinator(resolved, metrics_port=(info.metrics_port if info else 0) or None)
+    try:
+        return ray.get(getattr(coordinator, method).remote(*call_args))
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(getattr(error, "cause", None), ValueError):
+            raise UsageError(str(error.cause)) from None
+        raise
+
+
+def cmd_cancel(args, config) -> int:
+    from headshots import stack
+    from storage.state import StateStore
+    from headshots.client import store_for
+
+    resolved = stack.connect(config, start=True)
+    states = StateStore(store_for(resolved))
+    batch = states.load_batch(args.tenant, args.batch)
+    person_ids = [args.person] if args.person else batch.person_ids
+    if args.person and args.person not in batch.person_ids:
+        raise UsageError(f"batch {args.batch!r} has no person {args.person!r}")
+    result = _coordinator_call(resolved, "cancel_persons",
+                               [{"tenant": args.tenant, "batch_id": args.batch, "person_id": p} for p in person_ids])
+    if not args.person:
+        batch = states.load_batch(args.tenant, args.batch)
+        if batch.state == "running":
+            batch.state = "cancelled"
+            states.save_batch(batch)
+    _emit(args, result, f"cancelled {len(result['cancelled'])} person(s): {', '.join(result['cancelled']) or 'none'}")
+    return EXIT_OK
+
+
+def cmd_retry(args, config) -> int:
+    from headshots import stack
+
+    resolved = stack.connect(config, start=True)
+    result = _coordinator_call(resolved, "retry_person", args.tenant, args.batch, args.person)
+    _emit(args, result, f"person {args.person} queued again; follow it with `headshots status {args.batch} --watch`")
+    return EXIT_OK
+
+
+def cmd_add_photos(args, config) -> int:
+    from headshots import client, stack
+
+    files = [Path(f) for f in args.files]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UsageError(f"no such file(s): {', '.join(missing)}")
+    resolved = stack.connect(config, start=True)
+    try:
+        result = client.add_photos(resolved, tenant=args.tenant, batch_id=args.batch, person_id=args.person,
+                                   files=files)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    lines = [f"{result['photos_added']} photo(s) stored; {args.person} now has {result['photos_accepted']}"]
+    lines += [f"  rejected: {r['message']}" for r in result["photos_rejected"]]
+    _emit(args, result, "\n".join(lines))
+    return EXIT_OK
 
 
 def cmd_check(args, config) -> int:

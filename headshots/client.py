@@ -53,7 +53,7 @@ def consent_record(consent: Consent, spec: PersonSpec, policy_version: str) -> d
 
 def upload_person(store: ArtifactStore, config, *, tenant: str, batch_id: str, spec: PersonSpec,
                   consent: Consent | None, key_store: PersonKeyStore | None = None,
-                  policy: RetentionPolicy | None = None) -> PersonState:
+                  policy: RetentionPolicy | None = None, first_index: int = 0) -> PersonState:
     """Sanitize and store one person's photos; returns the person's initial state (not yet saved).
 
     Metadata is stripped here, at the edge, so the original bytes (with GPS and camera serials) are
@@ -70,6 +70,7 @@ def upload_person(store: ArtifactStore, config, *, tenant: str, batch_id: str, s
         consent: the batch's consent record; without one no photo is stored (the person needs photos).
         key_store: reuse this key store (e.g. one per batch); default: built from ``config``.
         policy: the retention policy (default: the configured one), to file the person for expiry.
+        first_index: number the stored photos from here (photos added later continue the numbering).
 
     Returns:
         The person's state with every stored photo recorded; ``needs_photos`` when too few were usable.
@@ -96,7 +97,7 @@ def upload_person(store: ArtifactStore, config, *, tenant: str, batch_id: str, s
         file_person(store, ref, min(policy.due_times(tenant, datetime.now(timezone.utc)).values()),
                     reason="submitted")
     scope = PersonScope(store, ref, key_store=key_store if key_store is not None else key_store_for(config, store))
-    index = 0
+    index = first_index
     for missing in spec.missing:
         person.photos.append(PhotoRecord(index=-1, source=missing, accepted=False, reason="not_found",
                                          message=f"{missing}: no such file or folder next to the manifest"))
@@ -160,6 +161,39 @@ def submit_batch(config, manifest: BatchManifest, *, start: bool = True) -> Subm
                                   "photos_rejected": [{"file": ph.source, "reason": ph.reason, "message": ph.message}
                                                       for ph in p.photos if not ph.accepted]}
                                  for p in persons])
+
+
+ADD_PHOTOS_STATES = ("needs_photos", "failed", "cancelled")
+
+
+def add_photos(config, *, tenant: str, batch_id: str, person_id: str, files: list[Path]) -> dict[str, Any]:
+    """Add photos to a person waiting for them (then `retry`). Same checks as at submit.
+
+    Raises:
+        ValueError: the person is being processed or has no consent record.
+    """
+    store = store_for(config)
+    states = StateStore(store)
+    person = states.load_person(tenant, batch_id, person_id)
+    if person.state not in ADD_PHOTOS_STATES:
+        raise ValueError(f"person {person_id!r} is {person.state}; photos can be added to persons in "
+                         f"{', '.join(ADD_PHOTOS_STATES)} (then `headshots retry`)")
+    if not person.consent:
+        raise ValueError(f"person {person_id!r} has no consent record, so no photo of theirs can be stored")
+    consent = Consent(collected_by=person.consent["collected_by"], given_at=person.consent["given_at"],
+                      purpose=person.consent["purpose"], policy_version=person.consent["policy_version"])
+    spec = PersonSpec(person_id, person.name or person_id, person.email, list(files))
+    first_index = max((photo.index for photo in person.photos if photo.index >= 0), default=-1) + 1
+    added = upload_person(store, config, tenant=tenant, batch_id=batch_id, spec=spec, consent=consent,
+                          first_index=first_index)
+    person.photos.extend(added.photos)
+    for stored in added.objects:
+        person.record_object(stored)
+    person.last_upload_at = added.last_upload_at or person.last_upload_at
+    states.save_person(person)
+    return {"person_id": person_id, "photos_added": added.photos_accepted, "photos_accepted": person.photos_accepted,
+            "photos_rejected": [{"file": p.source, "reason": p.reason, "message": p.message}
+                                for p in added.photos if not p.accepted]}
 
 
 def start_batch(config, tenant: str, batch_id: str) -> None:

@@ -163,3 +163,17 @@ def test_csv_roster_submitted_and_watched_to_the_end(demo, stack_home):
 def test_csv_roster_without_batch_fields_is_refused(stack_home):
     completed = run_cli(stack_home, "submit", str(REPO / "examples" / "demo" / "team.csv"), check=False)
     assert completed.returncode == 2 and "--tenant, --batch, --styles" in completed.stderr
+
+
+def test_operator_fixes_refuse_clearly_on_a_finished_batch(demo, stack_home):
+    person = demo["persons"][0]["person_id"]
+    common = ["--tenant", demo["tenant"], "--batch", demo["batch_id"]]
+    retry = run_cli(stack_home, "retry", *common, "--person", person, check=False)
+    assert retry.returncode == 2 and "is done; only needs_photos, failed, cancelled" in retry.stderr
+    photo = REPO / "examples" / "demo" / "photos" / "grace-hopper" / "01-front.jpg"
+    add = run_cli(stack_home, "add-photos", *common, "--person", person, str(photo), check=False)
+    assert add.returncode == 2 and "photos can be added to persons in needs_photos" in add.stderr
+    cancel = json.loads(run_cli(stack_home, "cancel", *common, "--json").stdout)
+    assert cancel["cancelled"] == []  # every person is final already: nothing to cancel
+    status = json.loads(run_cli(stack_home, "status", demo["batch_id"], "--json").stdout)
+    assert status["state"] == "done"

@@ -166,3 +166,35 @@ def test_a_killed_coordinator_restarts_and_finishes_the_batch(coordinator, base_
     # It really was a new process that finished the batch, answering under the same name.
     after = ray.get(coordinator.ping.remote())
     assert after["pid"] != pid_before and after["batches_running"] == 0
+
+
+def test_a_person_short_of_photos_gets_more_and_is_retried(coordinator, base_config, store):
+    import time
+
+    import ray
+
+    from storage.state import StateStore
+
+    photos = sorted((EXAMPLES / "eileen-collins").iterdir())
+    manifest = BatchManifest(tenant="acme-retry", name="Retry team", base_model="tiny", styles=["office"],
+                             images_per_style=1, consent=TEST_CONSENT,
+                             persons=[PersonSpec("short", "Short Of Photos", None, photos[:2]),
+                                      PersonSpec("full", "Has Enough", None, photos)])
+    submitted = client.submit_batch(base_config, manifest, start=False)
+    ray.get(coordinator.submit.remote(submitted.tenant, submitted.batch_id))
+    assert ray.get(coordinator.wait.remote(submitted.tenant, submitted.batch_id, 300)) == "done"
+    states = StateStore(store)
+    assert states.load_person(submitted.tenant, submitted.batch_id, "short").state == "needs_photos"
+
+    added = client.add_photos(base_config, tenant=submitted.tenant, batch_id=submitted.batch_id,
+                              person_id="short", files=photos[2:])
+    assert added["photos_added"] == 4 and added["photos_accepted"] == 6
+    ray.get(coordinator.retry_person.remote(submitted.tenant, submitted.batch_id, "short"))
+    deadline = time.monotonic() + 300
+    while states.load_batch(submitted.tenant, submitted.batch_id).state != "done":
+        assert time.monotonic() < deadline, "the retried person did not finish"
+        time.sleep(0.5)
+    person = states.load_person(submitted.tenant, submitted.batch_id, "short")
+    assert person.state == "done" and len(person.headshots) == 1 and person.photos_accepted == 6
+    with pytest.raises(ray.exceptions.RayTaskError, match="only needs_photos, failed, cancelled"):
+        ray.get(coordinator.retry_person.remote(submitted.tenant, submitted.batch_id, "full"))

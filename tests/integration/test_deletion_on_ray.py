@@ -142,3 +142,29 @@ def test_a_controller_killed_mid_sweep_is_finished_by_the_next_sweep(controller,
             identity = (item["bucket"], item["key"], item["version_id"])
             seen[identity] = seen.get(identity, 0) + 1
     assert len(seen) == 40 * 24 and set(seen.values()) == {1}
+
+
+def test_cancel_stops_a_running_person_and_retry_runs_it_again(coordinator, slow_config, store):
+    import ray
+
+    photos = sorted((EXAMPLES / "eileen-collins").iterdir())[:4]
+    manifest = BatchManifest(tenant="acme-cancel", name="Cancel team", base_model="tiny", styles=["office"],
+                             images_per_style=1, consent=TEST_CONSENT,
+                             persons=[PersonSpec("cleo", "Cleo Cancelled", None, photos)])
+    submitted = client.submit_batch(slow_config, manifest, start=False)
+    ray.get(coordinator.submit.remote(submitted.tenant, submitted.batch_id))
+    cleo = keys.PersonRef(submitted.tenant, submitted.batch_id, "cleo")
+    _wait_for(lambda: count_versions(store, "models", keys.checkpoint_key(cleo)) > 0, 120, "cleo's first checkpoint")
+    result = ray.get(coordinator.cancel_persons.remote(
+        [{"tenant": cleo.tenant, "batch_id": cleo.batch_id, "person_id": "cleo"}]))
+    assert result["cancelled"] == ["cleo"]
+    states = StateStore(store)
+    assert states.load_person(cleo.tenant, cleo.batch_id, "cleo").state == "cancelled"
+    checkpoints = count_versions(store, "models", keys.checkpoint_key(cleo))
+    time.sleep(3)  # a fine-tune still running would write a checkpoint every 5 steps (~0.5 s)
+    assert count_versions(store, "models", keys.checkpoint_key(cleo)) == checkpoints
+
+    ray.get(coordinator.retry_person.remote(cleo.tenant, cleo.batch_id, "cleo"))
+    _wait_for(lambda: states.load_batch(cleo.tenant, cleo.batch_id).state == "done", 300, "the retried batch")
+    person = states.load_person(cleo.tenant, cleo.batch_id, "cleo")
+    assert person.state == "done" and person.train_steps_done == 300 and len(person.headshots) == 1
