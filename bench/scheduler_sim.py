@@ -128,7 +128,8 @@ class Result:
             "fair_window_s": self.window_s,
             "corp_share_received": self.received_gpu_s / capacity if capacity else None,
             "corp_share_entitled": self.entitled_gpu_s / capacity if capacity else None,
-            "fair_share_error_pts": abs(self.received_gpu_s - self.entitled_gpu_s) / capacity * 100 if capacity else None,
+            "fair_share_error_pts": (abs(self.received_gpu_s - self.entitled_gpu_s) / capacity * 100
+                                     if capacity else None),
         }
         for batch, submitted in submits.items():
             row[f"{batch}_first_person_s"] = self.first_done[batch] - submitted
@@ -315,7 +316,8 @@ def print_table(rows: list[dict], probe: dict, args) -> None:
             elif label.startswith("model loads"):
                 cells.append(f"{row['model_loads']} ({row['model_switches']})")
             elif label.startswith("decision"):
-                cells.append(f"{row['decision_mean_us']:.1f} / {row['decision_p99_us']:.1f} / {row['decision_max_us']:.0f}")
+                cells.append(f"{row['decision_mean_us']:.1f} / {row['decision_p99_us']:.1f} / "
+                             f"{row['decision_max_us']:.0f}")
             else:
                 cells.append(f"{fmt(row['corp_share_received'], '.1%')} ({fmt(row['corp_share_entitled'], '.1%')})")
         print(f"{label:{width}}  " + "  ".join(f"{cell:>24}" for cell in cells))

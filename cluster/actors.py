@@ -18,6 +18,7 @@ import ray
 from cluster.coordinator import Coordinator
 from cluster.jobs import PersonJob, StageResult
 from cluster.retention import RetentionController
+from cluster.scheduler import FairScheduler, Task
 from cluster.worker import GpuWorker
 from storage.crypto import key_store_for
 from storage.store import ArtifactStore
@@ -81,27 +82,60 @@ class GpuWorkerActor(GpuWorker):
 
 
 class RayWorkerPool:
-    """Runs stages on Ray: GPU stages on an idle worker actor, CPU stages as tasks."""
+    """Runs stages on Ray: GPU stages on a worker actor chosen by the fair-share scheduler
+    (:mod:`cluster.scheduler`), CPU stages as tasks.
+
+    Every GPU stage waits in the scheduler until it hands the stage a worker: the tenant with the
+    least weighted GPU time goes next, and a worker already holding the base model is preferred.
+    """
 
     def __init__(self, config, workers: list):
         self.config = config
         self.workers = workers
-        self._idle: asyncio.Queue | None = None
+        self._handles = {f"gpu-{index}": worker for index, worker in enumerate(workers)}
+        self.scheduler = FairScheduler()
+        for worker_id in self._handles:
+            self.scheduler.add_worker(worker_id)
+        self._waiting: dict[tuple, asyncio.Future] = {}
 
-    def _queue(self) -> asyncio.Queue:
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-            for worker in self.workers:
-                self._idle.put_nowait(worker)
-        return self._idle
+    def _dispatch(self) -> None:
+        while (assignment := self.scheduler.next_assignment()) is not None:
+            worker_id, task = assignment
+            future = self._waiting.pop(task.key, None)
+            if future is None or future.done():
+                # Its caller went away (cancelled): give the slot straight back.
+                self.scheduler.complete(worker_id, task, 0.0, failed=True)
+                continue
+            future.set_result(worker_id)
 
     async def _on_gpu(self, method: str, job: PersonJob) -> StageResult:
-        idle = self._queue()
-        worker = await idle.get()
+        loop = asyncio.get_running_loop()
+        task = Task(tenant=job.tenant, batch_id=job.batch_id, person_id=job.person_id, stage=method,
+                    base_model=job.base_model, priority=job.priority, submitted_at=job.queue_position)
+        future = loop.create_future()
+        self._waiting[task.key] = future
+        self.scheduler.submit(task)
+        self._dispatch()
         try:
-            return await getattr(worker, method).remote(job)
+            worker_id = await future
+        except asyncio.CancelledError:
+            self._waiting.pop(task.key, None)
+            self.scheduler.cancel(lambda queued: queued.key == task.key)
+            raise
+        started = loop.time()
+        try:
+            result = await getattr(self._handles[worker_id], method).remote(job)
+        except BaseException:
+            self.scheduler.complete(worker_id, task, loop.time() - started, failed=True)
+            raise
+        else:
+            self.scheduler.complete(worker_id, task, loop.time() - started)
         finally:
-            idle.put_nowait(worker)
+            self._dispatch()
+        return result
+
+    def eta_seconds(self, tenant: str, batch_id: str) -> float | None:
+        return self.scheduler.eta_seconds(tenant, batch_id)
 
     async def ingest(self, job: PersonJob) -> StageResult:
         return await ingest_task.remote(self.config, job)

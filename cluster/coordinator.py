@@ -184,6 +184,11 @@ class Coordinator:
         self._update_person_gauge()
         return {"tenant": tenant, "batch_id": batch_id, "person_id": person_id, "state": "queued"}
 
+    def eta(self, tenant: str, batch_id: str) -> float | None:
+        """Seconds until the batch's GPU work is done, from measured stage times (None: unknown)."""
+        eta = getattr(self.pool, "eta_seconds", None)
+        return eta(tenant, batch_id) if eta else None
+
     def ping(self) -> dict[str, Any]:
         return {"metrics_port": self.metrics_port, "pid": os.getpid(),
                 "batches_running": sum(not t.done() for t in self._batches.values())}
@@ -258,7 +263,8 @@ class Coordinator:
                         base_model=batch.base_model, styles=tuple(batch.styles),
                         images_per_style=batch.images_per_style,
                         upload_keys=tuple(photo.key for photo in person.photos if photo.accepted and photo.key),
-                        upload_names=tuple(photo.source for photo in person.photos if photo.accepted and photo.key))
+                        upload_names=tuple(photo.source for photo in person.photos if photo.accepted and photo.key),
+                        queue_position=_queue_position(batch, person.person_id))
         if stage == "ingest":
             # Photos turned away at the edge (unreadable, wrong format) count as checks too.
             for photo in person.photos:
@@ -369,6 +375,11 @@ def index_processed_person(store: ArtifactStore, policy, person: PersonState) ->
     due = policy.due_times(person.tenant, parse_time(clock))
     if due:
         file_person(store, person.ref, min(due.values()), reason=f"processed: {person.state}")
+
+
+def _queue_position(batch: BatchState, person_id: str) -> float:
+    """A person's place in line: when the batch was submitted, then roster order (stable across restarts)."""
+    return parse_time(batch.created_at).timestamp() + batch.person_ids.index(person_id) * 0.001
 
 
 def _root_cause(error: BaseException) -> BaseException:

@@ -24,6 +24,10 @@ class PersonJob:
     upload_keys: tuple[str, ...] = ()
     # The names operators know the photos by (same order as upload_keys), for rejection messages.
     upload_names: tuple[str, ...] = ()
+    # Scheduling: higher priority first within a tenant; then the person's place in line (the same
+    # for every stage and retry, so a person's generate never waits behind its batch's later training).
+    priority: int = 0
+    queue_position: float = 0.0
 
     @property
     def ref(self) -> PersonRef:

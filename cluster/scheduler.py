@@ -7,27 +7,30 @@ never interleave. The coordinator turns its decisions into actor calls (see "Int
 A unit of work is one :class:`Task`: one person, one GPU stage (``train`` or ``generate``) — never
 one image. The scheduler decides in three steps, each cheap enough to run at every freed slot:
 
-1. **Tenant** — weighted fair queuing on GPU time (start-time fair queuing, charged per task). Each tenant carries ``used``, its
-   weighted GPU-seconds: at dispatch it is charged the task's estimated duration / weight, and at
-   completion the estimate is replaced by the measured duration. The tenant with the least ``used``
-   among those with queued work and quota headroom goes next. A tenant that becomes active (nothing
-   queued or running before this submit) starts at ``max(used, V)``, where V, the virtual time, is the
-   least GPU time actually received so far (running tasks counted by the time they have run) by an
-   active tenant below its quota. So idle time earns no credit, work dispatched before a newcomer
-   arrived is not held against it, and a newcomer is not stuck behind work queued before it: a
-   5-person batch submitted a minute after a 500-person one takes the next freed slots until its
-   charged time catches up with what the big one has actually received, then shares by weight.
+1. **Tenant** — weighted fair queuing on GPU time (start-time fair queuing, charged per task).
+   Each tenant carries ``used``, its weighted GPU-seconds: at dispatch it is charged the task's
+   estimated duration / weight, and at completion the estimate is replaced by the measured duration.
+   The tenant with the least ``used`` among those with queued work and quota headroom goes next. A
+   tenant that becomes active (nothing queued or running before this submit) starts at
+   ``max(used, V)``, where V, the virtual time, is the least GPU time actually received so far
+   (running tasks counted by the time they have run) by an active tenant below its quota. So idle
+   time earns no credit, work dispatched before a newcomer arrived is not held against it, and a
+   newcomer is not stuck behind work queued before it: a 5-person batch submitted a minute after a
+   500-person one takes the next freed slots until its charged time catches up with what the big
+   one has actually received, then shares by weight.
 2. **Task within the tenant** — batch priority (higher first), then ``submitted_at`` (FIFO), then
-   later stages first, then submission order. The coordinator passes a person's original submit time
-   for *every* stage, so a person's ``generate`` keeps that person's place in line and goes ahead of
-   trains of persons behind them: persons finish depth-first, and the first headshots come early.
+   later stages first, then submission order. The coordinator passes a person's original submit
+   time for *every* stage, so a person's ``generate`` keeps that person's place in line and goes
+   ahead of trains of persons behind them: persons finish depth-first, and the first headshots
+   come early.
 3. **Worker** — a free slot on a worker whose resident base model matches (a LoRA swap), else an
-   empty worker, else an idle worker whose model is least wanted by the queue (a pipeline reload). A
-   worker with ``slots`` > 1 runs several tasks of its one resident model; it takes a task for
+   empty worker, else an idle worker whose model is least wanted by the queue (a pipeline reload).
+   A worker with ``slots`` > 1 runs several tasks of its one resident model; it takes a task for
    another model only when fully idle, and its free slots are offered to each tenant's next task
-   only (order within a tenant is strict: no backfill from behind a tenant's head). If the fair tenant's task would force a reload, a tenant whose
-   ``used`` is within ``affinity_slack_s`` of it and whose task fits a resident model goes instead
-   (delay scheduling for model affinity): fairness bends by at most the slack, and reloads stay rare.
+   only (order within a tenant is strict: no backfill from behind a tenant's head). If the fair
+   tenant's task would force a reload, a tenant whose ``used`` is within ``affinity_slack_s`` of it
+   and whose task fits a resident model goes instead (delay scheduling for model affinity):
+   fairness bends by at most the slack, and reloads stay rare.
 
 Quota: ``tenant_quota[t]`` caps the GPUs a tenant holds at once; a task on a worker with ``slots=n``
 holds 1/n of a GPU.
@@ -40,14 +43,12 @@ Decision cost: O(T log T + F) for T tenants with queued work and F workers with 
 queue length does not enter (per-tenant heaps). Submit and complete are O(log n) (a submit that
 makes a tenant active also scans the tenants and their running tasks once).
 
-Integration (asyncio coordinator), one instance in the coordinator:
-- at start: ``add_worker`` per GPU actor; ``submit`` a Task when a person reaches train or generate.
-- a ``_dispatch()`` helper loops ``while (a := scheduler.next_assignment()) is not None`` and starts an
-  asyncio task per assignment that awaits the worker's actor call; call it after every submit and
-  every complete. When the call returns (or fails), call ``complete`` (``failed=True`` on error) and
-  then ``_dispatch()``; submit the person's next stage right after ``complete`` so ETAs stay whole.
-- ``cancel`` for deleted persons/batches (queued work only; running stages are revoked as today);
-  ``remove_worker`` when an actor dies for good, re-submitting the tasks it returns.
+Integration (asyncio): the pool owns one instance. Its GPU call submits a Task, parks an
+``asyncio.Future`` under ``task.key`` and runs ``dispatch()``; ``dispatch()`` loops
+``while (a := scheduler.next_assignment()) is not None`` and resolves each future with its worker id.
+The call then awaits the actor, and in ``finally`` calls ``complete`` (``failed=True`` on error)
+and ``dispatch()`` again. ``cancel`` drops queued work of deleted persons (running stages are
+revoked as today); ``remove_worker`` drops a dead actor and returns its tasks for re-submission.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Callable, Mapping
 
 __all__ = ["DEFAULT_STAGE_PRIOR_S", "STAGES", "FairScheduler", "Task", "TaskKey"]
@@ -66,7 +68,7 @@ STAGES: tuple[str, ...] = ("train", "generate")
 _STAGE_INDEX = {stage: index for index, stage in enumerate(STAGES)}
 # Prior durations before any measurement, seconds per person on one GPU: the issue's cost model
 # (an 800-step LoRA fine-tune ≈ 100 s; 40 images ≈ 26 s).
-DEFAULT_STAGE_PRIOR_S: Mapping[str, float] = {"train": 100.0, "generate": 26.0}
+DEFAULT_STAGE_PRIOR_S: Mapping[str, float] = MappingProxyType({"train": 100.0, "generate": 26.0})
 DEFAULT_EWMA_ALPHA = 0.2
 # How far (weighted GPU-seconds) a tenant may get ahead of its fair turn to avoid a pipeline reload.
 DEFAULT_AFFINITY_SLACK_S = 120.0
@@ -99,10 +101,12 @@ class Task:
         stage: ``"train"`` or ``"generate"``.
         base_model: the base model the stage needs resident on the GPU.
         priority: the batch's priority; higher runs first within the tenant.
-        submitted_at: the person's place in line, in the scheduler's clock (monotonic seconds). Pass
-            the same value for every stage and every retry of a person (e.g. batch submit time +
-            roster index × 1 ms): ties are broken by submission order, so a retried task given the
-            batch's time would go behind its batch-mates.
+        submitted_at: the person's place in line, in seconds. Only its order among tasks matters (it
+            is never compared with the scheduler's clock), so a stored wall-clock submit time that
+            survives a coordinator restart serves as well as a monotonic one, as long as every task
+            uses the same kind. Pass the same value for every stage and every retry of a person
+            (e.g. batch submit time + roster index × 1 ms): ties are broken by submission order, so a
+            retried task given its batch's time goes behind its batch-mates.
         cost_estimate_s: the caller's estimate of the stage's GPU seconds; None: use the measured
             average for (base_model, stage), or its prior.
 
@@ -186,7 +190,8 @@ class FairScheduler:
             compete); tenants not listed get ``default_weight``.
         default_weight: weight of unlisted tenants.
         tenant_quota: at most this many GPUs in use at once per listed tenant (unlisted: no cap).
-        clock: monotonic seconds; the same clock the callers use for ``Task.submitted_at``.
+        clock: monotonic seconds, for running times (ETA, busy ratio, catch-up); the callers measure
+            ``duration_s`` themselves.
         stage_prior_s: duration per stage before any measurement (default
             :data:`DEFAULT_STAGE_PRIOR_S`); must cover every stage in :data:`STAGES`.
         ewma_alpha: weight of each new measurement in the per-(base_model, stage) average, in (0, 1].

@@ -198,6 +198,21 @@ def test_weights_two_to_one_give_two_to_one_gpu_time():
     assert 1.8 <= ratio <= 2.2, ratio
 
 
+def test_fair_share_follows_measured_time_when_estimates_are_wrong():
+    clock = Clock()
+    scheduler = scheduler_with_workers(4, clock)
+    # Both say 100 s per task; "heavy" really takes 300 s, "light" 30 s.
+    for tenant in ("heavy", "light"):
+        for task in batch_of(1000, tenant=tenant, cost=100.0):
+            scheduler.submit(task)
+    loop = EventLoop(scheduler, clock, lambda task: 300.0 if task.tenant == "heavy" else 30.0)
+    loop.dispatch()
+    loop.run_until(12_000.0)
+    assert scheduler.queue_depth()[("light", "train")] > 0  # both still compete
+    ratio = loop.gpu_s["heavy"] / loop.gpu_s["light"]
+    assert 0.9 <= ratio <= 1.1, ratio
+
+
 def test_idle_time_earns_no_credit():
     """A tenant arriving after others ran for an hour shares from then on; it does not take every GPU."""
     clock = Clock()
@@ -302,6 +317,17 @@ def test_placement_prefers_the_worker_holding_the_base_model():
     assert scheduler.next_assignment()[0] == "gpu-x"  # only then a reload
     assert scheduler.model_switches == 1
     assert scheduler.resident_model("gpu-x") == "z"
+
+
+def test_a_reload_evicts_the_model_the_queue_wants_least():
+    scheduler = FairScheduler(clock=Clock())
+    scheduler.add_worker("gpu-y", resident_model="y")
+    scheduler.add_worker("gpu-x", resident_model="x")
+    scheduler.submit(make_task(person="p0", model="z", at=0.0))
+    for index in range(1, 4):
+        scheduler.submit(make_task(person=f"p{index}", model="y", at=float(index)))
+    assert drain(scheduler) == [("gpu-x", make_task(person="p0", model="z", at=0.0)),
+                                ("gpu-y", make_task(person="p1", model="y", at=1.0))]
 
 
 def test_a_shared_gpu_runs_one_base_model_at_a_time():
