@@ -139,6 +139,7 @@ class GpuWorker:
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "device": self.device, "dtype": str(self.dtype),
+                "training_steps": self.config.training.steps,
                 "base_model": self._base_model, "pipeline_loads": self.pipeline_loads, "busy_s": self.busy_s}
 
     # --- base model ------------------------------------------------------------------------------

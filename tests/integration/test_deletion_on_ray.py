@@ -21,7 +21,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo" / "photos"
 PERSON_CLASSES = ("uploads", "derived", "models", "outputs")
 
 
-def _remove_named_actors(ray, namespace: str = "headshots-tests") -> None:
+def _remove_named_actors(ray, namespace: str) -> None:
     from cluster.actors import COORDINATOR_NAME, GPU_WORKER_PREFIX, RETENTION_NAME
 
     names = [COORDINATOR_NAME, RETENTION_NAME] + [f"{GPU_WORKER_PREFIX}{i}" for i in range(8)]
@@ -55,9 +55,18 @@ def slow_config(base_config):
 def coordinator(ray_cluster, slow_config):
     from cluster.actors import get_or_create_coordinator
 
-    _remove_named_actors(ray_cluster)  # earlier modules' workers hold the fake GPUs
-    yield get_or_create_coordinator(slow_config, metrics_port=None)
-    _remove_named_actors(ray_cluster)
+    namespace = slow_config.ray.namespace  # where the stack's named actors live (the config says)
+    _remove_named_actors(ray_cluster, namespace)  # earlier modules' actors run with other configs
+    handle = get_or_create_coordinator(slow_config, metrics_port=None)
+    from cluster.actors import existing_gpu_workers
+
+    # Actor names register asynchronously: wait for the coordinator's two workers to appear.
+    _wait_for(lambda: len(existing_gpu_workers(namespace)) == 2, 60, "the GPU workers")
+    workers = existing_gpu_workers(namespace)
+    assert {ray_cluster.get(w.info.remote())["training_steps"] for w in workers} == {300}, \
+        "GPU workers from another module (another config) survived"
+    yield handle
+    _remove_named_actors(ray_cluster, namespace)
 
 
 @pytest.fixture(scope="module")
@@ -178,4 +187,4 @@ def test_cancel_stops_a_running_person_and_retry_runs_it_again(coordinator, slow
     ray.get(coordinator.retry_person.remote(cleo.tenant, cleo.batch_id, "cleo"))
     _wait_for(lambda: states.load_batch(cleo.tenant, cleo.batch_id).state == "done", 300, "the retried batch")
     person = states.load_person(cleo.tenant, cleo.batch_id, "cleo")
-    assert person.state == "done" and len(person.headshots) == 1
+    assert person.state == "done" and person.train_steps_done == 300 and len(person.headshots) == 1
