@@ -136,6 +136,20 @@ def _build_tiny_tokenizer() -> CLIPTokenizer:
         )
 
 
+def _tiny_vae() -> AutoencoderKL:
+    """The KL VAE both tiny pipelines share: scale factor 2, so 32 latent px make 64 px images."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """Build an SD1.5-shaped Stable Diffusion pipeline with tiny random weights.
 
@@ -169,16 +183,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             attention_head_dim=4,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            norm_num_groups=8,
-            sample_size=64,
-        )
+        vae = _tiny_vae()
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 hidden_size=32,
@@ -320,16 +325,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
             cross_attention_dim=2 * text_config["hidden_size"],
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            norm_num_groups=8,
-            sample_size=64,
-        )
+        vae = _tiny_vae()
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
     pipe = StableDiffusionXLPipeline(
