@@ -306,22 +306,26 @@ def cmd_demo(args, config) -> int:
     return EXIT_OK if all(p["state"] == "done" for p in summary["persons"]) else EXIT_ERROR
 
 
-def _coordinator_call(resolved, method: str, *call_args):
-    """Call the coordinator; a ValueError it raises is the operator's input problem (exit 2)."""
+def _call(handle, method: str, *call_args):
+    """Call a stack actor; a ValueError it raises is the operator's input problem (exit 2)."""
     import ray
 
+    try:
+        return ray.get(getattr(handle, method).remote(*call_args))
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(getattr(error, "cause", None), ValueError):
+            raise UsageError(str(error.cause)) from None
+        raise
+
+
+def _coordinator_call(resolved, method: str, *call_args):
     from cluster.actors import get_or_create_coordinator
     from headshots.stack import connect_ray, load_info
 
     connect_ray(resolved)
     info = load_info(resolved)
     coordinator = get_or_create_coordinator(resolved, metrics_port=(info.metrics_port if info else 0) or None)
-    try:
-        return ray.get(getattr(coordinator, method).remote(*call_args))
-    except ray.exceptions.RayTaskError as error:
-        if isinstance(getattr(error, "cause", None), ValueError):
-            raise UsageError(str(error.cause)) from None
-        raise
+    return _call(coordinator, method, *call_args)
 
 
 def cmd_cancel(args, config) -> int:
@@ -418,7 +422,6 @@ def _retention_controller(resolved):
 
 
 def cmd_delete(args, config) -> int:
-    import ray
 
     from headshots import stack
 
@@ -426,14 +429,8 @@ def cmd_delete(args, config) -> int:
         raise UsageError("--person needs --batch: person ids are unique only within a batch")
     resolved = stack.connect(config, start=True)
     controller = _retention_controller(resolved)
-    try:
-        result = ray.get(controller.delete.remote(args.tenant, args.batch, args.person, args.include_outputs,
-                                                  args.requested_by))
-    except ray.exceptions.RayTaskError as error:
-        cause = getattr(error, "cause", None)
-        if isinstance(cause, ValueError):
-            raise UsageError(str(cause)) from None
-        raise
+    result = _call(controller, "delete", args.tenant, args.batch, args.person, args.include_outputs,
+                   args.requested_by)
     what = f"person {args.person}" if args.person else f"batch {args.batch}" if args.batch else f"tenant {args.tenant}"
     _emit(args, result, f"deleted {what}: {result['objects_deleted']} object versions in {result['seconds']} s; "
           f"receipt {result['receipt_id']} (verification listing count {result['verification']['listing_count']})")

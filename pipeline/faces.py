@@ -485,6 +485,14 @@ def _clipped(box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int
     return left, top, max(min(right, width), left + 1), max(min(bottom, height), top + 1)
 
 
+def _lighting_problem(mean_luminance: float, config: GateConfig) -> str | None:
+    if mean_luminance < config.min_brightness:
+        return "too_dark"
+    if mean_luminance > config.max_brightness:
+        return "too_bright"
+    return None
+
+
 def _luminance(image: Image.Image) -> float:
     return float(np.asarray(image.convert("L"), dtype=np.float64).mean())
 
@@ -511,10 +519,8 @@ def analyse_photo(image: Image.Image, models: FaceModels, config: GateConfig | N
     if not faces:
         overall = _luminance(gray)
         scores["image_brightness"] = round(overall, 1)
-        if overall < config.min_brightness:
-            return _reject(filename, "too_dark", scores)
-        if overall > config.max_brightness:
-            return _reject(filename, "too_bright", scores)
+        if reason := _lighting_problem(overall, config):
+            return _reject(filename, reason, scores)
         overall_sharpness = photo_sharpness(gray)
         scores["image_sharpness"] = round(overall_sharpness, 1)
         if overall_sharpness < BLURRED_PHOTO_SHARPNESS:
@@ -542,10 +548,8 @@ def analyse_photo(image: Image.Image, models: FaceModels, config: GateConfig | N
     face_region = gray.crop(_clipped(box, analysis.work.size))
     brightness = _luminance(face_region)
     scores["brightness"] = round(brightness, 1)
-    if brightness < config.min_brightness:
-        return _reject(filename, "too_dark", scores)
-    if brightness > config.max_brightness:
-        return _reject(filename, "too_bright", scores)
+    if reason := _lighting_problem(brightness, config):
+        return _reject(filename, reason, scores)
     sharpness = face_sharpness(face_region)
     scores["sharpness"] = round(sharpness, 1)
     if sharpness < config.min_sharpness:
