@@ -33,6 +33,13 @@ class PipelineMetrics:
     identity_distance: Histogram
     outputs_regenerated_total: Counter
     persons_needing_photos: Gauge
+    queue_depth: Gauge
+    gpu_busy_ratio: Gauge
+    stage_retries_total: Counter
+    worker_restarts_total: Counter
+    eta_seconds: Gauge
+    stage_attempts_exhausted_total: Counter
+    coordinator_epoch: Gauge
 
 
 def create_pipeline_metrics(registry: CollectorRegistry) -> PipelineMetrics:
@@ -63,6 +70,27 @@ def create_pipeline_metrics(registry: CollectorRegistry) -> PipelineMetrics:
                                           registry=registry),
         persons_needing_photos=Gauge("persons_needing_photos", "Persons waiting for more usable photos.",
                                      registry=registry),
+        # The GPU pool. Tenant and batch labels exist only for work in flight: series of a finished
+        # batch are removed, so the label sets stay bounded by the batches running and the pool size.
+        queue_depth=Gauge("queue_depth", "GPU stages waiting for a worker, by tenant and stage.",
+                          ["tenant", "stage"], registry=registry),
+        gpu_busy_ratio=Gauge("gpu_busy_ratio", "Share of the last minute a GPU worker spent running stages.",
+                             ["worker"], registry=registry),
+        stage_retries_total=Counter("stage_retries_total",
+                                    "Stages run again after a failure (worker lost, store outage, error).",
+                                    ["stage"], registry=registry),
+        worker_restarts_total=Counter("worker_restarts_total",
+                                      "GPU worker processes that died and were restarted by Ray.",
+                                      registry=registry),
+        eta_seconds=Gauge("eta_seconds", "Estimated seconds until a running batch's GPU work is done.",
+                          ["tenant", "batch"], registry=registry),
+        stage_attempts_exhausted_total=Counter(
+            "stage_attempts_exhausted_total",
+            "Persons failed because one stage kept failing (poison input), by stage.", ["stage"],
+            registry=registry),
+        coordinator_epoch=Gauge("coordinator_epoch",
+                                "Fencing epoch of the running coordinator (rises by one at every restart).",
+                                registry=registry),
     )
 
 
