@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any
 
 import ray
 
 from cluster.coordinator import Coordinator
-from cluster.jobs import PersonJob, StageResult
+from cluster.jobs import PersonJob, StageResult, WorkerLost
 from cluster.retention import RetentionController
 from cluster.scheduler import FairScheduler, Task
 from cluster.worker import GpuWorker
@@ -70,6 +71,11 @@ class GpuWorkerActor(GpuWorker):
         self._namespace = namespace
         self._coordinator = None
         super().__init__(config, worker_id, report_objects=self._report)
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            try:  # for worker_restarts_total; a coordinator that is itself restarting misses one
+                ray.get_actor(COORDINATOR_NAME, namespace=namespace).worker_restarted.remote(worker_id)
+            except Exception:
+                pass
 
     def _report(self, job: PersonJob, objects) -> None:
         try:
@@ -87,16 +93,39 @@ class RayWorkerPool:
 
     Every GPU stage waits in the scheduler until it hands the stage a worker: the tenant with the
     least weighted GPU time goes next, and a worker already holding the base model is preferred.
+    With ``workers.autoscale`` the pool grows while work queues (new worker actors ask Ray for GPUs,
+    and ``request_resources`` tells the KubeRay autoscaler to add nodes) and shrinks back to
+    ``workers.min_gpu_workers`` after ``workers.scale_down_idle_s`` without queued work.
+
+    Args:
+        config: the system config.
+        workers: worker actor handles already running (their ids are ``gpu-<index>``).
+        namespace: where to create more workers (elastic pool); None: the pool never grows.
     """
 
-    def __init__(self, config, workers: list):
+    def __init__(self, config, workers: list, *, namespace: str | None = None):
         self.config = config
-        self.workers = workers
-        self._handles = {f"gpu-{index}": worker for index, worker in enumerate(workers)}
-        self.scheduler = FairScheduler()
-        for worker_id in self._handles:
-            self.scheduler.add_worker(worker_id)
+        self.namespace = namespace
+        slots = config.workers.slots_per_gpu
+        self.scheduler = FairScheduler(
+            tenant_weights=config.workers.tenant_weights,
+            # Quotas are in GPUs; with several slots per GPU each slot is a worker of its own.
+            tenant_quota={tenant: quota * slots for tenant, quota in config.workers.tenant_quota.items()})
+        self._handles: dict[str, Any] = {}
+        for index, worker in enumerate(workers):
+            self._add(f"gpu-{index}", worker)
         self._waiting: dict[tuple, asyncio.Future] = {}
+        self._idle_since: float | None = None
+        self._starting: dict[str, asyncio.Task] = {}
+        self.resources_requested = 0  # GPU bundles last asked of the autoscaler
+
+    @property
+    def workers(self) -> list:
+        return list(self._handles.values())
+
+    def _add(self, worker_id: str, handle) -> None:
+        self._handles[worker_id] = handle
+        self.scheduler.add_worker(worker_id)
 
     def _dispatch(self) -> None:
         while (assignment := self.scheduler.next_assignment()) is not None:
@@ -116,6 +145,7 @@ class RayWorkerPool:
         self._waiting[task.key] = future
         self.scheduler.submit(task)
         self._dispatch()
+        self.autoscale()
         try:
             worker_id = await future
         except asyncio.CancelledError:
@@ -125,20 +155,59 @@ class RayWorkerPool:
         started = loop.time()
         try:
             result = await getattr(self._handles[worker_id], method).remote(job)
-        except BaseException:
-            self.scheduler.complete(worker_id, task, loop.time() - started, failed=True)
+        except BaseException as error:
+            if worker_id in self._handles:
+                self.scheduler.complete(worker_id, task, loop.time() - started, failed=True)
+            if _is_worker_loss(error):
+                raise WorkerLost(f"GPU worker {worker_id} was lost during {method} of {job.ref.prefix}: "
+                                 f"{type(error).__name__}") from error
             raise
         else:
-            self.scheduler.complete(worker_id, task, loop.time() - started)
+            if worker_id in self._handles:
+                self.scheduler.complete(worker_id, task, loop.time() - started)
         finally:
             self._dispatch()
         return result
 
+    # --- views for metrics and status ------------------------------------------------------------
+
     def eta_seconds(self, tenant: str, batch_id: str) -> float | None:
         return self.scheduler.eta_seconds(tenant, batch_id)
 
+    def eta_person_seconds(self, tenant: str, batch_id: str, person_id: str) -> float | None:
+        return self.scheduler.eta_person_seconds(tenant, batch_id, person_id)
+
+    def queue_depth(self) -> dict[tuple[str, str], int]:
+        return self.scheduler.queue_depth()
+
+    def busy_ratios(self, window_s: float = 60.0) -> dict[str, float]:
+        return {worker_id: self.scheduler.busy_ratio(worker_id, window_s) for worker_id in self._handles}
+
+    async def worker_info(self, timeout_s: float = 5.0) -> dict[str, dict[str, Any]]:
+        """Each worker's ``info()`` (pid, GPU memory and utilisation); workers that do not answer in time
+        (restarting, busy starting up) are left out."""
+        ids = list(self._handles)
+        refs = [self._handles[worker_id].info.remote() for worker_id in ids]
+        ready, _ = await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=timeout_s)
+        ready_set = set(ready)
+        found = {}
+        for worker_id, ref in zip(ids, refs):
+            if ref in ready_set:
+                try:
+                    found[worker_id] = await ref
+                except Exception:  # died between answering and reading: next round
+                    continue
+        return found
+
+    # --- fencing and deletion ---------------------------------------------------------------------
+
+    async def fence(self, epoch: int) -> list[dict[str, Any]]:
+        """Tell every worker a coordinator of ``epoch`` took over; returns once stale stages stopped."""
+        return list(await asyncio.gather(*(worker.fence.remote(epoch) for worker in self.workers),
+                                         return_exceptions=True))
+
     async def ingest(self, job: PersonJob) -> StageResult:
-        return await ingest_task.remote(self.config, job)
+        return await _cpu_stage(ingest_task.remote(self.config, job), "ingest", job)
 
     async def train(self, job: PersonJob) -> StageResult:
         return await self._on_gpu("train", job)
@@ -147,7 +216,7 @@ class RayWorkerPool:
         return await self._on_gpu("generate", job)
 
     async def package_person(self, job: PersonJob, headshots: list[dict[str, Any]]) -> StageResult:
-        return await package_person_task.remote(self.config, job, headshots)
+        return await _cpu_stage(package_person_task.remote(self.config, job, headshots), "package", job)
 
     async def package_batch(self, **fields: Any) -> StageResult:
         return await package_batch_task.remote(self.config, fields)
@@ -160,23 +229,128 @@ class RayWorkerPool:
         """Lift a revocation made for a cancellation (never called for a deletion)."""
         return list(await asyncio.gather(*(worker.allow.remote(prefixes) for worker in self.workers)))
 
+    # --- elastic pool ----------------------------------------------------------------------------
+
+    def autoscale(self) -> None:
+        """Grow toward the queued demand, or shrink after a quiet spell (``workers.autoscale`` only).
+
+        Called whenever a GPU stage is queued and by the coordinator's monitor loop. Growing creates
+        worker actors right away: each asks Ray for its share of a GPU, and on KubeRay the pending
+        actors plus ``request_resources`` make the autoscaler add GPU pods; a new worker joins the
+        scheduler once it answers. Shrinking kills idle workers from the highest index down, then tells
+        the autoscaler the smaller demand so it can release the nodes.
+        """
+        workers = self.config.workers
+        if not workers.autoscale or self.namespace is None:
+            return
+        slots = workers.slots_per_gpu
+        most = (workers.gpu_workers or 1) * slots
+        least = workers.min_gpu_workers * slots
+        queued = sum(self.scheduler.queue_depth().values())
+        busy = sum(len(tasks) for tasks in self.scheduler.running().values())
+        present = len(self._handles) + len(self._starting)
+        now = time.monotonic()
+        if queued:
+            self._idle_since = None
+            wanted = min(most, max(least, busy + queued))
+            for index in range(present, wanted):
+                worker_id = f"gpu-{index}"
+                if worker_id not in self._handles and worker_id not in self._starting:
+                    self._starting[worker_id] = asyncio.get_running_loop().create_task(self._grow(index))
+            self._request_gpus(max(wanted, present))
+            return
+        if busy:
+            self._idle_since = None
+            return
+        if self._idle_since is None:
+            self._idle_since = now
+            return
+        if now - self._idle_since < workers.scale_down_idle_s or len(self._handles) <= least:
+            return
+        for index in sorted((int(w.split("-")[1]) for w in self._handles), reverse=True):
+            if len(self._handles) <= least:
+                break
+            worker_id = f"gpu-{index}"
+            self.scheduler.remove_worker(worker_id)
+            handle = self._handles.pop(worker_id)
+            ray.kill(handle, no_restart=True)
+            logger.info("elastic pool: released idle worker %s", worker_id)
+        self._request_gpus(len(self._handles))
+
+    async def _grow(self, index: int) -> None:
+        worker_id = f"gpu-{index}"
+        try:
+            handle = _create_gpu_worker(self.config, index, self.namespace)
+            # A worker joins the scheduler only once it runs: a pending actor (no GPU yet) holds no slot.
+            await handle.info.remote()
+            self._add(worker_id, handle)
+            logger.info("elastic pool: worker %s joined", worker_id)
+            self._dispatch()
+        except Exception:
+            logger.exception("elastic pool: worker %s did not start", worker_id)
+        finally:
+            self._starting.pop(worker_id, None)
+
+    def _request_gpus(self, workers: int) -> None:
+        if workers == self.resources_requested:
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        gpu_share = 1.0 / self.config.workers.slots_per_gpu
+        # A standing request: the autoscaler keeps this much capacity until the next call replaces it.
+        request_resources(bundles=[{"GPU": gpu_share}] * workers)
+        self.resources_requested = workers
+
+
+async def _cpu_stage(ref, stage: str, job: PersonJob) -> StageResult:
+    try:
+        return await ref
+    except Exception as error:
+        if _is_worker_loss(error):
+            raise WorkerLost(f"the CPU worker running {stage} of {job.ref.prefix} was lost: "
+                             f"{type(error).__name__}") from error
+        raise
+
+
+def _is_worker_loss(error: BaseException) -> bool:
+    """Ray's own failures (a process or node gone), as opposed to an exception the stage raised."""
+    from ray import exceptions
+
+    if isinstance(error, exceptions.RayTaskError):
+        return False  # the stage's code raised: the person's input or the code is at fault
+    return isinstance(error, (exceptions.RayActorError, exceptions.WorkerCrashedError,
+                              exceptions.ObjectLostError, exceptions.NodeDiedError,
+                              getattr(exceptions, "ActorUnavailableError", exceptions.RayActorError)))
+
+
+def _create_gpu_worker(config, index: int, namespace: str):
+    slots = config.workers.slots_per_gpu
+    return ray.remote(GpuWorkerActor).options(
+        name=f"{GPU_WORKER_PREFIX}{index}", namespace=namespace, lifetime="detached", get_if_exists=True,
+        # Several slots per GPU: each worker asks for its share, so Ray packs them onto one GPU.
+        num_gpus=1.0 / slots, num_cpus=0, max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES,
+        # >1: revoke/purge/fence must reach a worker while it is busy with a stage (the pool never
+        # gives one worker two stages at once).
+        max_concurrency=4,
+    ).remote(config, f"gpu-{index}", namespace)
+
 
 def start_gpu_workers(config, *, namespace: str) -> list:
-    """Get or create one worker actor per GPU (names make this idempotent across coordinator restarts)."""
-    count = config.workers.gpu_workers or int(ray.cluster_resources().get("GPU", 0))
-    if count < 1:
-        raise RuntimeError("the Ray cluster reports no GPUs; set ray.num_gpus (local) or workers.gpu_workers")
-    actor_class = ray.remote(GpuWorkerActor).options
-    workers = []
-    for index in range(count):
-        workers.append(actor_class(
-            name=f"{GPU_WORKER_PREFIX}{index}", namespace=namespace, lifetime="detached", get_if_exists=True,
-            num_gpus=1, num_cpus=0, max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES,
-            # >1: revoke/purge must reach a worker while it is busy with a stage (the pool never
-            # gives one worker two stages at once).
-            max_concurrency=4,
-        ).remote(config, f"gpu-{index}", namespace))
-    return workers
+    """Get or create the worker actors (names make this idempotent across coordinator restarts).
+
+    Without autoscaling: ``workers.gpu_workers`` GPUs (0: every GPU the cluster reports) times
+    ``workers.slots_per_gpu``. With it: ``workers.min_gpu_workers`` GPUs' worth to start with, plus any
+    that are still running from before a restart.
+    """
+    slots = config.workers.slots_per_gpu
+    if config.workers.autoscale:
+        count = max(config.workers.min_gpu_workers * slots, len(existing_gpu_workers(namespace)))
+    else:
+        gpus = config.workers.gpu_workers or int(ray.cluster_resources().get("GPU", 0))
+        if gpus < 1:
+            raise RuntimeError("the Ray cluster reports no GPUs; set ray.num_gpus (local) or workers.gpu_workers")
+        count = gpus * slots
+    return [_create_gpu_worker(config, index, namespace) for index in range(count)]
 
 
 def existing_gpu_workers(namespace: str) -> list:
@@ -195,8 +369,8 @@ class CoordinatorActor(Coordinator):
     """The coordinator, with its pool of Ray workers built inside the actor."""
 
     def __init__(self, config, metrics_port: int | None, namespace: str):
-        super().__init__(config, RayWorkerPool(config, start_gpu_workers(config, namespace=namespace)),
-                         metrics_port=metrics_port)
+        pool = RayWorkerPool(config, start_gpu_workers(config, namespace=namespace), namespace=namespace)
+        super().__init__(config, pool, metrics_port=metrics_port)
         # After a crash Ray re-runs __init__ but calls nothing else: resume running batches ourselves.
         # (A thread, because __init__ has no event loop; start() is idempotent.)
         own_handle = ray.get_runtime_context().current_actor

@@ -6,6 +6,16 @@ truth, written at every transition. If the actor dies, Ray restarts it (``max_re
 the stage it had reached. Stages are idempotent (see :mod:`cluster.worker`), so a stage that was
 running when the coordinator died is simply run again.
 
+Fencing: each coordinator that starts claims the next *epoch* with a create-only write to the store
+(of two racing claims exactly one wins), tells every GPU worker, and waits until stages sent by its
+predecessors have stopped. Jobs carry the epoch; a worker refuses any job older than the newest epoch
+it has seen, and a running stale stage stops at its next step or write. So after a restart no stage
+ever runs twice at once, and output keys being deterministic, a re-run overwrites nothing twice.
+
+Failures: a stage that raises counts against ``workers.max_stage_attempts`` (poison input: the person
+fails, the batch goes on); a worker process lost mid-stage (:class:`cluster.jobs.WorkerLost`) counts
+against the larger ``workers.max_worker_losses``, since a preempted pod says nothing about the person.
+
 Idempotent calls: ``start``, ``submit`` (a batch already running is not started twice),
 ``record_objects`` (a version already recorded is ignored).
 """
@@ -15,20 +25,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
-from cluster.jobs import PersonJob, StageResult
+from cluster.jobs import PersonJob, StageResult, WorkerLost
 from monitoring.metrics import PERSON_STATES, create_pipeline_metrics, serve_metrics
+from storage import keys
 from storage.retention import file_person, load_policy, parse_time
 from storage.state import BatchState, HeadshotRecord, PersonState, StateStore
-from storage.store import ArtifactStore, StoredObject, utc_now_iso
+from storage.store import ArtifactStore, ObjectExists, StoredObject, utc_now_iso
 
 logger = logging.getLogger(__name__)
 
-MAX_STAGE_ATTEMPTS = 3
+# How often the monitor loop refreshes pool metrics, progress documents and the elastic pool.
+MONITOR_INTERVAL_S = 5.0
+# Most images `headshots more` adds per style in one call.
+MORE_MAX_IMAGES = 64
 NEXT_STATE = {"queued": "ingesting", "ingesting": "training", "training": "generating",
               "generating": "packaging", "packaging": "done"}
 RETRYABLE_STATES = ("needs_photos", "failed", "cancelled")
@@ -45,6 +60,7 @@ class WorkerPool(Protocol):
     async def package_batch(self, **fields: Any) -> StageResult: ...
     async def revoke(self, prefixes: list[str]) -> list[dict[str, Any]]: ...
     async def allow(self, prefixes: list[str]) -> list[dict[str, Any]]: ...
+    async def fence(self, epoch: int) -> list[dict[str, Any]]: ...
 
 
 class PermanentStageError(Exception):
@@ -77,24 +93,47 @@ class Coordinator:
         # Persons being deleted: nothing more is run or written for them.
         self._stopped: set[tuple[str, str, str]] = set()
         self.policy = load_policy(config.retention.policy_file or None)
-        self._started = False
+        self.epoch = 0
+        self._started: asyncio.Future | None = None
+        self._monitor: asyncio.Task | None = None
+        # Label sets of per-batch and per-tenant series, so finished batches' series can be removed.
+        self._eta_series: set[tuple[str, str]] = set()
+        self._queue_series: set[tuple[str, str]] = set()
+        self._progress_written: dict[tuple[str, str], dict] = {}
 
     # --- public calls ----------------------------------------------------------------------------
 
     async def start(self) -> dict[str, Any]:
-        """Resume every batch the store says is running (idempotent)."""
-        if not self._started:
-            self._started = True
-            batches = await asyncio.to_thread(self.states.list_batches)
-            for tenant, batch_id in batches:
-                batch = await asyncio.to_thread(self.states.load_batch, tenant, batch_id)
-                if batch.state == "running":
-                    logger.info("resuming batch %s/%s", tenant, batch_id)
-                    self._launch(tenant, batch_id)
-        return {"metrics_port": self.metrics_port, "running": [f"{t}/{b}" for t, b in self._batches]}
+        """Claim an epoch, fence stale stages, resume every batch the store says is running (idempotent)."""
+        await self._ensure_started()
+        return {"metrics_port": self.metrics_port, "epoch": self.epoch,
+                "running": [f"{t}/{b}" for (t, b), task in self._batches.items() if not task.done()]}
+
+    async def _ensure_started(self) -> None:
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_task(self._start_once())
+        await asyncio.shield(self._started)
+
+    async def _start_once(self) -> None:
+        self.epoch = await asyncio.to_thread(claim_epoch, self.store)
+        self.metrics.coordinator_epoch.set(self.epoch)
+        fenced = await self.pool.fence(self.epoch)
+        stale = [f for f in fenced if isinstance(f, dict) and not f.get("drained", True)]
+        if stale:
+            logger.warning("epoch %d: %d worker(s) still running an older stage after the fence timeout",
+                           self.epoch, len(stale))
+        logger.info("coordinator epoch %d started (pid %d)", self.epoch, os.getpid())
+        batches = await asyncio.to_thread(self.states.list_batches)
+        for tenant, batch_id in batches:
+            batch = await asyncio.to_thread(self.states.load_batch, tenant, batch_id)
+            if batch.state == "running":
+                logger.info("resuming batch %s/%s", tenant, batch_id)
+                self._launch(tenant, batch_id)
+        self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop(), name="monitor")
 
     async def submit(self, tenant: str, batch_id: str) -> dict[str, Any]:
         """Start processing a batch whose state the client has already written (idempotent)."""
+        await self._ensure_started()
         self.metrics.batches_submitted_total.inc()
         self._launch(tenant, batch_id)
         return {"tenant": tenant, "batch_id": batch_id}
@@ -147,7 +186,8 @@ class Coordinator:
                 person.error = "cancelled by an operator"
                 await asyncio.to_thread(index_processed_person, self.store, self.policy, person)
                 await asyncio.to_thread(self.states.save_person, person)
-                self._persons[key] = person
+                if key in self._persons:
+                    self._persons[key] = person
                 cancelled.append(key[2])
         # Stopped only for the cancellation: a retry may run them again.
         self._stopped.difference_update(wanted)
@@ -161,6 +201,7 @@ class Coordinator:
         Raises:
             ValueError: the person is in another state (naming it and the states that can be retried).
         """
+        await self._ensure_started()
         key = (tenant, batch_id, person_id)
         if key in self._person_tasks and not self._person_tasks[key].done():
             raise ValueError(f"person {person_id!r} is being processed; nothing to retry")
@@ -174,20 +215,88 @@ class Coordinator:
         self._stopped.discard(key)
         await self.pool.allow([f"{tenant}/{batch_id}/{person_id}/"])
         batch = await asyncio.to_thread(self.states.load_batch, tenant, batch_id)
-        batch_task = self._batches.get((tenant, batch_id))
+        await self._join_or_relaunch(batch, person)
+        return {"tenant": tenant, "batch_id": batch_id, "person_id": person_id, "state": "queued"}
+
+    async def more_headshots(self, tenant: str, batch_id: str, person_id: str, count: int,
+                             style: str | None = None) -> dict[str, Any]:
+        """Generate ``count`` more headshots per style (or of one ``style``) from the person's stored LoRA,
+        without training again; then the person's and the batch's contact sheets and manifest are
+        made again. Only while the person's model is retained.
+
+        Raises:
+            ValueError: the person is not ``done``, its model has been deleted or is past its retention,
+                the style is not one of the batch's, or ``count`` is out of range (each message says which).
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MORE_MAX_IMAGES:
+            raise ValueError(f"count must be an integer from 1 to {MORE_MAX_IMAGES} but is {count!r}")
+        await self._ensure_started()
+        key = (tenant, batch_id, person_id)
+        if key in self._person_tasks and not self._person_tasks[key].done():
+            raise ValueError(f"person {person_id!r} is being processed; wait until it is done")
+        batch = await asyncio.to_thread(self.states.load_batch, tenant, batch_id)
+        if style is not None and style not in batch.styles:
+            raise ValueError(f"style {style!r} is not one of batch {batch_id!r}'s styles: {', '.join(batch.styles)}")
+        person = await asyncio.to_thread(self.states.load_person, tenant, batch_id, person_id)
+        if person.state != "done":
+            raise ValueError(f"person {person_id!r} is {person.state}; more headshots can be made only for a "
+                             "person that is done (its model trained)")
+        deleted = set(person.retention.get("deleted_classes", []))
+        due = self.policy.due_times(tenant, parse_time(person.processed_at)).get("models") \
+            if person.processed_at else None
+        if "models" in deleted or (due is not None and due <= parse_time(utc_now_iso())):
+            raise ValueError(f"person {person_id!r}'s model is no longer retained (retention deletes models "
+                             f"{self.policy.days_for(tenant, 'models')} days after processing); submit the "
+                             "person again with new photos to train a new one")
+        for name in ([style] if style else batch.styles):
+            person.extra_images[name] = person.extra_images.get(name, 0) + count
+        person.state, person.stage, person.error = "generating", "generate", None
+        person.attempts = {}
+        await asyncio.to_thread(self.states.save_person, person)
+        self._stopped.discard(key)
+        await self._join_or_relaunch(batch, person)
+        return {"tenant": tenant, "batch_id": batch_id, "person_id": person_id, "state": person.state,
+                "added_per_style": {name: count for name in ([style] if style else batch.styles)}}
+
+    async def _join_or_relaunch(self, batch: BatchState, person: PersonState) -> None:
+        """Run a person again: within its batch's run if that still goes on, else by re-running the batch
+        (which packages the batch again when its persons are done)."""
+        batch_task = self._batches.get((batch.tenant, batch.batch_id))
         if batch_task is not None and not batch_task.done():
-            self._start_person(batch, person)  # joins the running batch
+            self._start_person(batch, person)
         else:
             batch.state, batch.finished_at = "running", None
             await asyncio.to_thread(self.states.save_batch, batch)
-            self._launch(tenant, batch_id)
+            self._launch(batch.tenant, batch.batch_id)
         self._update_person_gauge()
-        return {"tenant": tenant, "batch_id": batch_id, "person_id": person_id, "state": "queued"}
 
     def eta(self, tenant: str, batch_id: str) -> float | None:
         """Seconds until the batch's GPU work is done, from measured stage times (None: unknown)."""
         eta = getattr(self.pool, "eta_seconds", None)
         return eta(tenant, batch_id) if eta else None
+
+    def progress(self, tenant: str, batch_id: str) -> dict[str, Any]:
+        """The batch's live progress: persons by state, and ETAs (seconds) per person and for the batch."""
+        persons = {k[2]: p for k, p in self._persons.items() if k[:2] == (tenant, batch_id)}
+        person_eta = getattr(self.pool, "eta_person_seconds", None)
+        etas = {}
+        for person_id, person in persons.items():
+            if person.is_final:
+                etas[person_id] = 0.0
+            elif person_eta is not None and (value := person_eta(tenant, batch_id, person_id)) is not None:
+                etas[person_id] = round(value, 1)
+        counts: dict[str, int] = {}
+        for person in persons.values():
+            counts[person.state] = counts.get(person.state, 0) + 1
+        batch_eta = self.eta(tenant, batch_id)
+        return {"tenant": tenant, "batch_id": batch_id, "epoch": self.epoch, "updated_at": utc_now_iso(),
+                "persons_by_state": counts, "eta_seconds": None if batch_eta is None else round(batch_eta, 1),
+                "eta_seconds_by_person": etas}
+
+    def worker_restarted(self, worker_id: str) -> None:
+        """A GPU worker's process was started again by Ray (reported by the worker at start-up)."""
+        logger.warning("GPU worker %s restarted", worker_id)
+        self.metrics.worker_restarts_total.inc()
 
     def ping(self) -> dict[str, Any]:
         return {"metrics_port": self.metrics_port, "pid": os.getpid(),
@@ -229,13 +338,15 @@ class Coordinator:
 
     async def _run_person(self, batch: BatchState, person: PersonState) -> None:
         key = (person.tenant, person.batch_id, person.person_id)
+        limits = self.config.workers
         while not person.is_final and key not in self._stopped:
             if person.state == "queued":
                 await self._transition(person, "ingesting")
                 continue
             stage = STAGE_BY_STATE[person.state]
+            # attempts[stage] counts failures, recorded when they happen: a coordinator restarted
+            # mid-stage runs the stage again without it counting against the person.
             attempt = person.attempts.get(stage, 0) + 1
-            person.attempts[stage] = attempt
             try:
                 started = time.perf_counter()
                 next_state = await self._run_stage(batch, person, stage)
@@ -246,17 +357,36 @@ class Coordinator:
             except Exception as error:
                 if key in self._stopped:
                     return  # deleted mid-stage: the worker refused to go on, as asked
-                self.metrics.stage_errors_total.labels(stage=stage).inc()
                 cause = _root_cause(error)
+                if isinstance(error, WorkerLost) or isinstance(cause, WorkerLost):
+                    # Not the person's fault: counted apart from the attempts.
+                    lost_key = f"{stage}:worker_lost"
+                    person.attempts[lost_key] = losses = person.attempts.get(lost_key, 0) + 1
+                    logger.warning("stage %s of %s lost its worker (%d so far); running it again", stage,
+                                   person.ref.prefix, losses)
+                    if losses >= limits.max_worker_losses:
+                        person.error = (f"{stage} lost its worker {losses} times (workers.max_worker_losses); "
+                                        "check the GPU nodes, then `headshots retry`")
+                        await self._transition(person, "failed")
+                        continue
+                    self.metrics.stage_retries_total.labels(stage=stage).inc()
+                    await asyncio.sleep(random.uniform(0.5, 2.0))
+                    continue
+                self.metrics.stage_errors_total.labels(stage=stage).inc()
+                person.attempts[stage] = attempt
                 permanent = isinstance(cause, (PermanentStageError, ValueError, PermissionError))
                 # Log ids and the error class only: messages can quote user input.
                 logger.warning("stage %s failed for %s (attempt %d): %s", stage, person.ref.prefix, attempt,
                                type(cause).__name__)
-                if permanent or attempt >= MAX_STAGE_ATTEMPTS:
+                if permanent or attempt >= limits.max_stage_attempts:
+                    if not permanent:
+                        self.metrics.stage_attempts_exhausted_total.labels(stage=stage).inc()
                     person.error = f"{stage} failed after {attempt} attempt(s): {type(cause).__name__}: {cause}"
                     await self._transition(person, "failed")
                 else:
-                    await asyncio.sleep(min(2.0 ** attempt * 0.25, 10.0))
+                    self.metrics.stage_retries_total.labels(stage=stage).inc()
+                    # Exponential backoff with jitter, so persons failing together do not retry in step.
+                    await asyncio.sleep(random.uniform(0.5, 1.0) * min(2.0 ** attempt * 0.25, 10.0))
 
     async def _run_stage(self, batch: BatchState, person: PersonState, stage: str) -> str:
         job = PersonJob(tenant=person.tenant, batch_id=person.batch_id, person_id=person.person_id,
@@ -264,7 +394,8 @@ class Coordinator:
                         images_per_style=batch.images_per_style,
                         upload_keys=tuple(photo.key for photo in person.photos if photo.accepted and photo.key),
                         upload_names=tuple(photo.source for photo in person.photos if photo.accepted and photo.key),
-                        queue_position=_queue_position(batch, person.person_id))
+                        priority=batch.priority, queue_position=_queue_position(batch, person.person_id),
+                        epoch=self.epoch, extra_by_style=tuple(sorted(person.extra_images.items())))
         if stage == "ingest":
             # Photos turned away at the edge (unreadable, wrong format) count as checks too.
             for photo in person.photos:
@@ -323,7 +454,24 @@ class Coordinator:
         batch.state = "done"
         batch.finished_at = utc_now_iso()
         await asyncio.to_thread(self.states.save_batch, batch)
+        await self._write_progress(batch.tenant, batch.batch_id, final=True)
+        self._forget_batch(batch.tenant, batch.batch_id)
         logger.info("batch %s/%s done", batch.tenant, batch.batch_id)
+
+    def _forget_batch(self, tenant: str, batch_id: str) -> None:
+        """Drop a finished batch from memory and from the metrics: the store has all of it."""
+        for key in [k for k in self._persons if k[:2] == (tenant, batch_id)]:
+            task = self._person_tasks.get(key)
+            if task is not None and not task.done():
+                continue  # retried meanwhile: still ours
+            self._persons.pop(key, None)
+            self._person_tasks.pop(key, None)
+            self._locks.pop(key, None)
+        if (tenant, batch_id) in self._eta_series:
+            self.metrics.eta_seconds.remove(tenant, batch_id)
+            self._eta_series.discard((tenant, batch_id))
+        self._progress_written.pop((tenant, batch_id), None)
+        self._update_person_gauge()
 
     async def _transition(self, person: PersonState, state: str) -> None:
         if (person.tenant, person.batch_id, person.person_id) in self._stopped:
@@ -331,7 +479,8 @@ class Coordinator:
         person.state = state
         person.stage = STAGE_BY_STATE.get(state)
         if person.is_final:
-            person.processed_at = utc_now_iso()
+            # The retention clock starts at the first processing: `headshots more` does not restart it.
+            person.processed_at = person.processed_at or utc_now_iso()
             # File the person in the expiry index before the state says "processed": a crash between
             # the two leaves an entry the sweep re-files, never a processed person nobody will expire.
             await asyncio.to_thread(index_processed_person, self.store, self.policy, person)
@@ -360,6 +509,56 @@ class Coordinator:
                 added = True
         return added
 
+    # --- monitoring ------------------------------------------------------------------------------
+
+    async def _monitor_loop(self) -> None:
+        """Refresh pool metrics and progress documents, and let the elastic pool grow or shrink."""
+        while True:
+            try:
+                await self._monitor_once()
+            except Exception:  # a metrics hiccup must never stop the coordinator
+                logger.exception("monitor round failed; trying again in %.0f s", MONITOR_INTERVAL_S)
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+
+    async def _monitor_once(self) -> None:
+        pool = self.pool
+        if hasattr(pool, "queue_depth"):
+            depth = pool.queue_depth()
+            for series in self._queue_series - set(depth):
+                self.metrics.queue_depth.remove(*series)
+            for (tenant, stage), count in depth.items():
+                self.metrics.queue_depth.labels(tenant=tenant, stage=stage).set(count)
+            self._queue_series = set(depth)
+        if hasattr(pool, "busy_ratios"):
+            for worker_id, ratio in pool.busy_ratios().items():
+                self.metrics.gpu_busy_ratio.labels(worker=worker_id).set(round(ratio, 4))
+        if hasattr(pool, "worker_info"):
+            for worker_id, info in (await pool.worker_info()).items():
+                for name in ("gpu_utilization_ratio", "gpu_memory_used_bytes"):
+                    gauge = getattr(self.metrics, name, None)
+                    if gauge is not None and name in info:
+                        gauge.labels(worker=worker_id).set(info[name])
+        if hasattr(pool, "autoscale"):
+            pool.autoscale()
+        running = {(t, b) for (t, b), task in self._batches.items() if not task.done()}
+        for tenant, batch_id in running:
+            eta = self.eta(tenant, batch_id)
+            if eta is not None:
+                self.metrics.eta_seconds.labels(tenant=tenant, batch=batch_id).set(round(eta, 1))
+                self._eta_series.add((tenant, batch_id))
+            await self._write_progress(tenant, batch_id)
+
+    async def _write_progress(self, tenant: str, batch_id: str, *, final: bool = False) -> None:
+        """Store the batch's progress (ids, counts and ETAs only) for `headshots status`, when it changed."""
+        document = self.progress(tenant, batch_id)
+        if final:
+            document["eta_seconds"] = 0.0
+        comparable = {k: v for k, v in document.items() if k != "updated_at"}
+        if self._progress_written.get((tenant, batch_id)) == comparable:
+            return
+        await asyncio.to_thread(self.store.put_json, "state", keys.batch_progress_key(tenant, batch_id), document)
+        self._progress_written[(tenant, batch_id)] = comparable
+
     def _update_person_gauge(self) -> None:
         counts = dict.fromkeys(PERSON_STATES, 0)
         for person in self._persons.values():
@@ -375,6 +574,23 @@ def index_processed_person(store: ArtifactStore, policy, person: PersonState) ->
     due = policy.due_times(person.tenant, parse_time(clock))
     if due:
         file_person(store, person.ref, min(due.values()), reason=f"processed: {person.state}")
+
+
+def claim_epoch(store: ArtifactStore) -> int:
+    """The next coordinator epoch, claimed with a create-only write (of two claimants exactly one wins
+    each number; the loser takes the next)."""
+    existing = [key for key in store.list_keys("state", keys.COORDINATOR_EPOCH_PREFIX)]
+    epoch = max((int(key[len(keys.COORDINATOR_EPOCH_PREFIX):]) for key in existing
+                 if key[len(keys.COORDINATOR_EPOCH_PREFIX):].isdigit()), default=0)
+    while True:
+        epoch += 1
+        try:
+            store.put("state", keys.coordinator_epoch_key(epoch),
+                      f'{{"pid": {os.getpid()}, "claimed_at": "{utc_now_iso()}"}}'.encode(),
+                      content_type="application/json", if_absent=True)
+            return epoch
+        except ObjectExists:
+            continue
 
 
 def _queue_position(batch: BatchState, person_id: str) -> float:

@@ -28,6 +28,12 @@ class PersonJob:
     # for every stage and retry, so a person's generate never waits behind its batch's later training).
     priority: int = 0
     queue_position: float = 0.0
+    # The coordinator's fencing epoch: a worker that has seen a newer one stops this job's stage (its
+    # coordinator died and a new one has re-sent the work), so two runs of a stage never overlap.
+    epoch: int = 0
+    # generate only: images per style beyond the batch's images_per_style (`headshots more`), as
+    # (style, count) pairs; slots already stored are kept, so only the new ones are made.
+    extra_by_style: tuple[tuple[str, int], ...] = ()
 
     @property
     def ref(self) -> PersonRef:
@@ -35,6 +41,14 @@ class PersonJob:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class WorkerLost(RuntimeError):
+    """The process running a stage died or became unreachable (preemption, OOM kill, node loss).
+
+    The stage is run again; this does not count as one of the person's attempts, since the person's
+    input is not at fault.
+    """
 
 
 @dataclass

@@ -54,6 +54,12 @@ class RetentionController:
         self.metrics = create_retention_metrics(self.registry)
         self.metrics_port = serve_metrics(self.registry, host=config.metrics.host, port=metrics_port) \
             if metrics_port is not None else None
+        self.metrics.sweep_interval_seconds.set(config.retention.sweep_interval_s)
+        # Requests received and not yet finished (monotonic start times), including those waiting for
+        # a running sweep: the alert on the oldest one catches a request stuck behind anything.
+        self._pending_requests: dict[int, float] = {}
+        self._pending_lock = threading.Lock()
+        self.metrics.deletion_oldest_pending_request_age_seconds.set_function(self._oldest_pending_request_age_s)
         # Sweeps and deletions never overlap: both walk the same persons and receipts.
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -109,6 +115,9 @@ class RetentionController:
                include_outputs: bool = False, requested_by: str = "operator") -> dict[str, Any]:
         """Early deletion of a person, a batch or a whole tenant. Returns the receipt's summary."""
         started = time.perf_counter()
+        request_token = object()
+        with self._pending_lock:
+            self._pending_requests[id(request_token)] = time.monotonic()
         try:
             with self._lock:
                 persons = resolve_persons(self.store, tenant=tenant, batch_id=batch_id, person_id=person_id)
@@ -122,6 +131,9 @@ class RetentionController:
         except Exception:
             self.metrics.deletion_requests_total.labels(status="failed").inc()
             raise
+        finally:
+            with self._pending_lock:
+                del self._pending_requests[id(request_token)]
         seconds = time.perf_counter() - started
         self.metrics.deletion_requests_total.labels(status="succeeded").inc()
         self.metrics.deletion_request_duration_seconds.observe(seconds)
@@ -137,6 +149,11 @@ class RetentionController:
         return {"metrics_port": self.metrics_port, "pid": os.getpid(), "last_sweep": self.last_sweep}
 
     # --- helpers ----------------------------------------------------------------------------------
+
+    def _oldest_pending_request_age_s(self) -> float:
+        with self._pending_lock:
+            oldest = min(self._pending_requests.values(), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
 
     def _count_deleted(self, objects: list[dict[str, Any]]) -> None:
         for item in objects:

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
 import threading
 import time
@@ -40,6 +41,10 @@ Reporter = Callable[[PersonJob, list[StoredObject]], None]
 REVOKED_MAX = 100_000
 
 
+class StaleJob(RuntimeError):
+    """A stage sent by a coordinator that has since been replaced (fenced by a newer epoch)."""
+
+
 def _forgets_person_key(stage):
     """One GPU stage at a time, and the person's data key dropped from the cache when it ends.
 
@@ -51,7 +56,12 @@ def _forgets_person_key(stage):
 
     @functools.wraps(stage)
     def run(self, job: PersonJob, *args, **kwargs):
+        self._observe_epoch(job.epoch)
         with self._stage_lock:
+            # Checked again inside the lock: a newer coordinator may have fenced while this call waited.
+            if self.is_stale(job):
+                raise StaleJob(f"job for {job.ref.prefix} comes from coordinator epoch {job.epoch}, but epoch "
+                               f"{self._epoch} has taken over; the new coordinator re-sends what it needs")
             try:
                 return stage(self, job, *args, **kwargs)
             finally:
@@ -93,11 +103,37 @@ class GpuWorker:
         # because ids are never reused (batch ids are unique), so old entries only cost memory.
         self._revoked: dict[str, float] = {}
         self._stage_lock = threading.Lock()
+        # The newest coordinator epoch seen: stages of older epochs stop at their next step or write.
+        self._epoch = 0
+        self._epoch_lock = threading.Lock()
+        self.pid = os.getpid()
+        self.started_at = time.time()
 
     # --- deletion ----------------------------------------------------------------------------------
 
     def is_revoked(self, person: keys.PersonRef) -> bool:
         return person.prefix in self._revoked or any(person.prefix.startswith(p) for p in self._revoked)
+
+    # --- fencing -----------------------------------------------------------------------------------
+
+    def _observe_epoch(self, epoch: int) -> None:
+        with self._epoch_lock:
+            self._epoch = max(self._epoch, epoch)
+
+    def is_stale(self, job: PersonJob) -> bool:
+        return job.epoch < self._epoch
+
+    def fence(self, epoch: int, timeout_s: float = 120.0) -> dict:
+        """A new coordinator (``epoch``) took over: stop every stage its predecessors started.
+
+        Returns once no older stage runs any more (each stops at its next training step or write), so
+        the new coordinator can re-send work without two runs of one stage ever writing at once.
+        """
+        self._observe_epoch(epoch)
+        drained = self._stage_lock.acquire(timeout=timeout_s)
+        if drained:
+            self._stage_lock.release()
+        return {"worker_id": self.worker_id, "epoch": self._epoch, "drained": drained, "pid": self.pid}
 
     def revoke(self, prefixes: list[str]) -> dict:
         """Refuse any further training step or write for persons under these prefixes (a person, batch
@@ -139,8 +175,9 @@ class GpuWorker:
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "device": self.device, "dtype": str(self.dtype),
-                "training_steps": self.config.training.steps,
-                "base_model": self._base_model, "pipeline_loads": self.pipeline_loads, "busy_s": self.busy_s}
+                "training_steps": self.config.training.steps, "pid": self.pid, "started_at": self.started_at,
+                "epoch": self._epoch, "base_model": self._base_model, "pipeline_loads": self.pipeline_loads,
+                "busy_s": self.busy_s, **_gpu_figures(self.device)}
 
     # --- base model ------------------------------------------------------------------------------
 
@@ -198,7 +235,7 @@ class GpuWorker:
         started = time.perf_counter()
         pipe = self._pipeline(job.base_model)
         scope = PersonScope(self.store, job.ref, key_store=self.key_store,
-                            revoked=lambda: self.is_revoked(job.ref))
+                            revoked=lambda: self.is_revoked(job.ref) or self.is_stale(job))
         result = StageResult()
         train_config = self._train_config(pipe)
         prompt = finetune.instance_prompt(train_config)
@@ -227,7 +264,7 @@ class GpuWorker:
             self.report_objects(job, [stored_checkpoint])
 
         trained = finetune.train_lora(pipe, cache, train_config, resume=resume, on_checkpoint=save_checkpoint,
-                                      should_stop=lambda: self.is_revoked(job.ref)
+                                      should_stop=lambda: self.is_revoked(job.ref) or self.is_stale(job)
                                       or (should_stop is not None and should_stop()))
         stored_lora = scope.put("models", keys.lora_key(job.ref), trained.lora_bytes)
         result.objects.append(stored_lora)
@@ -254,7 +291,7 @@ class GpuWorker:
         started = time.perf_counter()
         pipe = self._pipeline(job.base_model)
         scope = PersonScope(self.store, job.ref, key_store=self.key_store,
-                            revoked=lambda: self.is_revoked(job.ref))
+                            revoked=lambda: self.is_revoked(job.ref) or self.is_stale(job))
         presets = generate.load_style_presets(self.config.generation.styles_file or None)
         styles = generate.resolve_styles(list(job.styles), presets)
         tiny = job.base_model == models.TINY_MODEL
@@ -287,8 +324,9 @@ class GpuWorker:
         result = StageResult()
         records, distances, flags = [], [], []
         regenerated = 0
+        extra_by_style = dict(job.extra_by_style)
         for style in styles:
-            wanted = job.images_per_style
+            wanted = job.images_per_style + extra_by_style.get(style.name, 0)
             done = {slot: (seed, key) for (name, slot), (seed, key) in stored_slots.items() if name == style.name}
             for slot, (seed, key) in sorted(done.items()):  # kept from an interrupted attempt
                 quality = judge(_open_image(scope.get("outputs", key))) if checked else faces.not_applicable()
@@ -353,6 +391,21 @@ class GpuWorker:
         if not scope.exists("derived", key):
             return None
         return json.loads(scope.get("derived", key))["embeddings"]
+
+
+def _gpu_figures(device: str) -> dict:
+    """GPU memory and utilisation for this worker's device (CUDA only; empty on the CPU)."""
+    if not str(device).startswith("cuda"):
+        return {}
+    import torch
+
+    figures = {"gpu_memory_used_bytes": torch.cuda.memory_allocated(),
+               "gpu_memory_reserved_bytes": torch.cuda.memory_reserved()}
+    try:
+        figures["gpu_utilization_ratio"] = torch.cuda.utilization() / 100.0  # needs NVML (pynvml)
+    except Exception:  # no NVML on this node: memory figures only
+        pass
+    return figures
 
 
 def _passing(candidates) -> int:

@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--base-model")
     submit.add_argument("--styles", help="comma-separated style names")
     submit.add_argument("--images-per-style", type=int)
+    submit.add_argument("--priority", type=int, help="-100..100: within the tenant, higher runs first (default 0)")
     submit.add_argument("--consent-collected-by", help="who collected the team's consent (CSV rosters)")
     submit.add_argument("--consent-given-at", help="when consent was given, ISO-8601 (CSV rosters)")
     submit.add_argument("--watch", action="store_true", help="show live progress until the batch finishes")
@@ -114,6 +115,17 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--person", required=True)
     retry.add_argument("--json", action="store_true")
     retry.set_defaults(handler=cmd_retry)
+
+    more = commands.add_parser("more", help="generate more headshots from a done person's stored model "
+                                            "(no retraining; while the model is retained)")
+    more.add_argument("--tenant", required=True)
+    more.add_argument("--batch", required=True)
+    more.add_argument("--person", required=True)
+    more.add_argument("--style", help="one of the batch's styles (default: every style)")
+    more.add_argument("--count", type=int, required=True, help="headshots to add per style (1-64)")
+    more.add_argument("--watch", action="store_true", help="show progress until the batch is done again")
+    more.add_argument("--json", action="store_true")
+    more.set_defaults(handler=cmd_more)
 
     add_photos = commands.add_parser("add-photos", help="add photos to a person waiting for them")
     add_photos.add_argument("--tenant", required=True)
@@ -216,7 +228,7 @@ def cmd_submit(args, config) -> int:
     from headshots import client, stack
 
     overrides = {"tenant": args.tenant, "batch": args.batch, "base_model": args.base_model,
-                 "styles": args.styles, "images_per_style": args.images_per_style}
+                 "styles": args.styles, "images_per_style": args.images_per_style, "priority": args.priority}
     if args.consent_collected_by or args.consent_given_at:
         overrides["consent"] = {"collected_by": args.consent_collected_by, "given_at": args.consent_given_at}
     if Path(args.manifest).suffix.lower() == ".csv":
@@ -250,7 +262,13 @@ def cmd_status(args, config) -> int:
             print(json.dumps(rows, indent=1))
         else:
             for row in rows:
-                print(f"{row['batch_id']:<40} {row['tenant']:<16} {row['state']:<10} {row['persons']} persons")
+                line = f"{row['batch_id']:<40} {row['tenant']:<16} {row['state']:<10} {row['persons']:>4} persons"
+                if row["persons_by_state"]:
+                    done = row["persons_by_state"].get("done", 0)
+                    line += f"  {done}/{row['persons']} done"
+                if row["eta_seconds"] is not None:
+                    line += f"  ETA {format_eta(row['eta_seconds'])}"
+                print(line)
             if not rows:
                 print("no batches yet: `headshots submit team.yaml`")
         return EXIT_OK
@@ -258,11 +276,15 @@ def cmd_status(args, config) -> int:
         watch(resolved, args.batch, tenant=args.tenant)
     summary = client.batch_status(resolved, args.batch, tenant=args.tenant)
     if args.json:
-        print(json.dumps({key: summary[key] for key in ("tenant", "batch_id", "state", "persons")}, indent=1))
+        print(json.dumps({key: summary[key] for key in ("tenant", "batch_id", "state", "eta_seconds", "persons")},
+                         indent=1))
     else:
-        print(f"batch {summary['batch_id']} ({summary['tenant']}): {summary['state']}")
+        eta = f", ETA {format_eta(summary['eta_seconds'])}" if summary["eta_seconds"] is not None else ""
+        print(f"batch {summary['batch_id']} ({summary['tenant']}): {summary['state']}{eta}")
         for person in summary["persons"]:
             line = f"  {person['person_id']:<32} {person['state']:<13} {person['headshots']} headshots"
+            if person["eta_seconds"] is not None:
+                line += f"  ETA {format_eta(person['eta_seconds'])}"
             print(line + (f"  — {person['error']}" if person["error"] else ""))
     return EXIT_OK
 
@@ -356,6 +378,20 @@ def cmd_retry(args, config) -> int:
     resolved = stack.connect(config, start=True)
     result = _coordinator_call(resolved, "retry_person", args.tenant, args.batch, args.person)
     _emit(args, result, f"person {args.person} queued again; follow it with `headshots status {args.batch} --watch`")
+    return EXIT_OK
+
+
+def cmd_more(args, config) -> int:
+    from headshots import stack
+
+    resolved = stack.connect(config, start=True)
+    result = _coordinator_call(resolved, "more_headshots", args.tenant, args.batch, args.person, args.count,
+                               args.style)
+    styles = ", ".join(f"{count} {style}" for style, count in result["added_per_style"].items())
+    _emit(args, result, f"person {args.person}: generating {styles} more from the stored model; "
+                        f"follow it with `headshots status {args.batch} --watch`")
+    if args.watch and not args.json:
+        watch(resolved, args.batch, tenant=args.tenant)
     return EXIT_OK
 
 
@@ -533,8 +569,12 @@ def watch(config, batch_id: str, *, tenant: str | None = None) -> dict[str, Any]
                 if task is None:
                     continue
                 final = person["state"] in ("done", "needs_photos", "failed", "cancelled")
-                progress.update(task, completed=4 if final else reached.get(person["state"], 0),
-                                note=person["state"] + (f" ({person['headshots']} headshots)" if person["headshots"] else ""))
+                note = person["state"] + (f" ({person['headshots']} headshots)" if person["headshots"] else "")
+                if person.get("eta_seconds") is not None:
+                    note += f" ETA {format_eta(person['eta_seconds'])}"
+                progress.update(task, completed=4 if final else reached.get(person["state"], 0), note=note)
+            if summary.get("eta_seconds") is not None:
+                progress.update(stage_tasks["generate"], note=f"batch ETA {format_eta(summary['eta_seconds'])}")
             if summary["state"] != "running":
                 break
             time.sleep(WATCH_POLL_S)
@@ -544,6 +584,16 @@ def watch(config, batch_id: str, *, tenant: str | None = None) -> dict[str, Any]
             console.print(f"{person['person_id']}: {person['state']}: {person['error']}")
     console.print(f"batch {batch_id}: {summary['state']}")
     return summary
+
+
+def format_eta(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``: an estimate, so no false precision beyond that."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _emit(args, document: dict[str, Any], text: str) -> None:

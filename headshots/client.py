@@ -152,7 +152,8 @@ def submit_batch(config, manifest: BatchManifest, *, start: bool = True) -> Subm
         list(pool.map(states.save_person, persons))
     batch = BatchState(tenant=manifest.tenant, batch_id=batch_id, name=manifest.name,
                        base_model=manifest.base_model, styles=list(manifest.styles),
-                       images_per_style=manifest.images_per_style, person_ids=[p.person_id for p in persons])
+                       images_per_style=manifest.images_per_style, person_ids=[p.person_id for p in persons],
+                       priority=manifest.priority)
     states.save_batch(batch)
     if start:
         start_batch(config, manifest.tenant, batch_id)
@@ -211,21 +212,47 @@ def start_batch(config, tenant: str, batch_id: str) -> None:
 
 def batch_status(config, batch_id: str, *, tenant: str | None = None) -> dict[str, Any]:
     """``{tenant, batch_id, state, persons: [{person_id, state, stage, headshots, error}]}``."""
-    states = StateStore(store_for(config))
+    store = store_for(config)
+    states = StateStore(store)
     batch = states.find_batch(batch_id, tenant)
-    return states.batch_summary(batch)
+    summary = states.batch_summary(batch)
+    progress = batch_progress(config, batch.tenant, batch.batch_id, store=store) or {}
+    etas = progress.get("eta_seconds_by_person", {})
+    summary["eta_seconds"] = progress.get("eta_seconds") if batch.state == "running" else None
+    for person in summary["persons"]:
+        final = person["state"] in ("done", "needs_photos", "failed", "cancelled", "deleted")
+        person["eta_seconds"] = None if final or batch.state != "running" else etas.get(person["person_id"])
+    return summary
+
+
+def batch_progress(config, tenant: str, batch_id: str, *, store: ArtifactStore | None = None
+                   ) -> dict[str, Any] | None:
+    """The coordinator's latest progress document for a batch (ETAs per person and for the batch), or None
+    before it wrote one. Written every few seconds while the batch runs."""
+    try:
+        return (store or store_for(config)).get_json("state", keys.batch_progress_key(tenant, batch_id))
+    except ObjectNotFound:
+        return None
 
 
 def list_batches(config, *, tenant: str | None = None) -> list[dict[str, Any]]:
-    states = StateStore(store_for(config))
+    store = store_for(config)
+    states = StateStore(store)
     rows = []
     for found_tenant, batch_id in states.list_batches(tenant):
         try:
             batch = states.load_batch(found_tenant, batch_id)
         except ObjectNotFound:
             continue  # index written, state not yet (or deleted)
-        rows.append({"tenant": batch.tenant, "batch_id": batch.batch_id, "name": batch.name, "state": batch.state,
-                     "persons": len(batch.person_ids), "created_at": batch.created_at})
+        row = {"tenant": batch.tenant, "batch_id": batch.batch_id, "name": batch.name, "state": batch.state,
+               "persons": len(batch.person_ids), "created_at": batch.created_at, "priority": batch.priority,
+               "persons_by_state": None, "eta_seconds": None}
+        if batch.state == "running":
+            # Running batches show their progress side by side (counts and ETA from the coordinator).
+            progress = batch_progress(config, batch.tenant, batch.batch_id, store=store) or {}
+            row["persons_by_state"] = progress.get("persons_by_state")
+            row["eta_seconds"] = progress.get("eta_seconds")
+        rows.append(row)
     return sorted(rows, key=lambda row: row["created_at"])
 
 

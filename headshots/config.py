@@ -53,8 +53,14 @@ class StoreConfig:
     # state, receipts. The server must have SSE-S3 configured (MinIO: a KMS; the embedded SeaweedFS
     # has it built in and the local stack turns this on).
     server_side_encryption: bool = False
+    # How long every store call keeps retrying while the server is unreachable or answers "busy"
+    # (a restart, a failover) before it fails; waits back off exponentially, capped at a few seconds.
+    outage_tolerance_s: float = 120.0
 
     def __post_init__(self) -> None:
+        if not self.outage_tolerance_s > 0:
+            raise ConfigError(
+                f"store.outage_tolerance_s must be a number of seconds > 0 but is {self.outage_tolerance_s}")
         if self.endpoint:
             if "://" in self.endpoint or "/" in self.endpoint:
                 raise ConfigError(
@@ -192,10 +198,48 @@ class WorkersConfig:
     torch_threads: int = 1
     # Where workers cache base models copied from s3:// (and nothing else that outlives a person).
     cache_dir: str = ""
+    # Worker actors per GPU (each asks Ray for 1/slots of a GPU and keeps its own base model): >1 packs
+    # several small fine-tunes onto one large GPU.
+    slots_per_gpu: int = 1
+    # A stage that raises this many times for one person fails the person (poison input); the batch
+    # goes on. Worker processes lost mid-stage (preemption, OOM kill) count separately, against
+    # max_worker_losses: a pool under chaos must not fail healthy persons.
+    max_stage_attempts: int = 3
+    max_worker_losses: int = 20
+    # Weighted fair share of GPU time between tenants while they compete (unlisted tenants: 1.0), and
+    # an optional cap on the GPUs one tenant holds at once. YAML mappings; in the environment
+    # "tenant=value,tenant=value".
+    tenant_weights: dict[str, float] = field(default_factory=dict)
+    tenant_quota: dict[str, int] = field(default_factory=dict)
+    # Elastic pool (KubeRay autoscaling): ask Ray for GPU bundles while work queues, release them when
+    # idle. gpu_workers then is the most workers started; min_gpu_workers stay up.
+    autoscale: bool = False
+    min_gpu_workers: int = 1
+    scale_down_idle_s: int = 300
 
     def __post_init__(self) -> None:
         _require_range("workers.gpu_workers", self.gpu_workers, 0, 1024)
         _require_range("workers.torch_threads", self.torch_threads, 1, 256)
+        _require_range("workers.slots_per_gpu", self.slots_per_gpu, 1, 16)
+        _require_range("workers.max_stage_attempts", self.max_stage_attempts, 1, 100)
+        _require_range("workers.max_worker_losses", self.max_worker_losses, 1, 1000)
+        _require_range("workers.min_gpu_workers", self.min_gpu_workers, 0, 1024)
+        _require_range("workers.scale_down_idle_s", self.scale_down_idle_s, 1, 7 * 24 * 3600)
+        if self.autoscale and self.gpu_workers and self.min_gpu_workers > self.gpu_workers:
+            raise ConfigError(f"workers.min_gpu_workers ({self.min_gpu_workers}) must not exceed "
+                              f"workers.gpu_workers ({self.gpu_workers}), the most the pool scales to")
+        for key, mapping, number in (("workers.tenant_weights", self.tenant_weights, float),
+                                     ("workers.tenant_quota", self.tenant_quota, int)):
+            if not isinstance(mapping, Mapping):
+                raise ConfigError(f"{key} must be a mapping of tenant id to {number.__name__} but is {mapping!r}")
+            for tenant, value in mapping.items():
+                if not isinstance(tenant, str) or not tenant:
+                    raise ConfigError(f"{key} keys must be tenant ids but one is {tenant!r}")
+                valid = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and (
+                    number is float or isinstance(value, int))
+                if not valid:
+                    kind = "a number > 0" if number is float else "an integer >= 1 (GPUs)"
+                    raise ConfigError(f"{key}.{tenant} must be {kind} but is {value!r}")
 
 
 @dataclass(frozen=True)
@@ -365,8 +409,19 @@ def _parse_env_value(variable: str, raw: str, kind: type) -> Any:
             return int(raw)
         if kind is float:
             return float(raw)
+        if typing.get_origin(kind) is dict:
+            # "tenant=2,other=0.5": the value type comes from the annotation (dict[str, float]).
+            value_type = typing.get_args(kind)[1]
+            parsed = {}
+            for item in filter(None, (part.strip() for part in raw.split(","))):
+                name, separator, value = item.partition("=")
+                if not separator or not name.strip():
+                    raise ValueError
+                parsed[name.strip()] = value_type(value.strip())
+            return parsed
     except ValueError:
-        raise ConfigError(f"environment variable {variable}={raw!r} is not a valid {kind.__name__}") from None
+        expected = "list of tenant=value pairs" if typing.get_origin(kind) is dict else kind.__name__
+        raise ConfigError(f"environment variable {variable}={raw!r} is not a valid {expected}") from None
     return raw
 
 

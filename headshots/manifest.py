@@ -22,7 +22,9 @@ from storage.keys import ID_PATTERN, slugify
 MAX_PERSONS = 2000
 MAX_IMAGES_PER_STYLE = 64
 MAX_PHOTOS_PER_PERSON = 50
-MANIFEST_FIELDS = ("tenant", "batch", "base_model", "styles", "images_per_style", "consent", "persons")
+MANIFEST_FIELDS = ("tenant", "batch", "base_model", "styles", "images_per_style", "priority", "consent", "persons")
+# Batch priority: within a tenant, higher runs first; between tenants fair share decides.
+PRIORITY_RANGE = (-100, 100)
 PERSON_FIELDS = ("name", "id", "email", "photos", "consent_given_at")
 CONSENT_FIELDS = ("collected_by", "given_at", "purpose", "policy_version")
 CONSENT_PURPOSES = ("headshots",)
@@ -70,10 +72,11 @@ class BatchManifest:
     persons: list[PersonSpec]
     source: str = ""
     consent: Consent | None = None
+    priority: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"tenant": self.tenant, "batch": self.name, "base_model": self.base_model, "styles": self.styles,
-                "images_per_style": self.images_per_style,
+                "images_per_style": self.images_per_style, "priority": self.priority,
                 "persons": [{"id": p.person_id, "name": p.name, "email": p.email,
                              "photos": [str(photo) for photo in p.photos]} for p in self.persons]}
 
@@ -85,7 +88,7 @@ def load_manifest(path: str | Path, *, known_styles: Iterable[str], overrides: d
     Args:
         path: ``*.yaml``/``*.yml`` or ``*.csv``.
         known_styles: style preset names that exist.
-        overrides: command-line fields (tenant, batch, base_model, styles, images_per_style); needed for a
+        overrides: command-line fields (tenant, batch, base_model, styles, images_per_style, priority); needed for a
             CSV, optional for YAML (where they win over the file).
 
     Raises:
@@ -194,6 +197,14 @@ def parse_manifest(document: dict[str, Any], *, base_dir: Path, source: str, kno
         problems.append(f"{source}: field 'images_per_style' must be an integer from 1 to {MAX_IMAGES_PER_STYLE} "
                         f"but is {images_per_style!r}")
 
+    priority = document.get("priority", 0)
+    if isinstance(priority, str) and priority.lstrip("-").isdigit():
+        priority = int(priority)
+    if not isinstance(priority, int) or isinstance(priority, bool) or not (
+            PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]):
+        problems.append(f"{source}: field 'priority' must be an integer from {PRIORITY_RANGE[0]} to "
+                        f"{PRIORITY_RANGE[1]} (higher runs first within the tenant) but is {priority!r}")
+
     consent = _parse_consent(document.get("consent"), source, problems)
 
     raw_persons = document.get("persons")
@@ -250,7 +261,8 @@ def parse_manifest(document: dict[str, Any], *, base_dir: Path, source: str, kno
     if problems:
         raise ManifestError(source, problems)
     return BatchManifest(tenant=tenant, name=name.strip(), base_model=base_model, styles=list(styles),
-                         images_per_style=images_per_style, persons=persons, source=source, consent=consent)
+                         images_per_style=images_per_style, persons=persons, source=source, consent=consent,
+                         priority=priority)
 
 
 def _is_iso_time(value: Any) -> bool:

@@ -40,6 +40,11 @@ class PipelineMetrics:
     eta_seconds: Gauge
     stage_attempts_exhausted_total: Counter
     coordinator_epoch: Gauge
+    gpu_utilization_ratio: Gauge
+    gpu_memory_used_bytes: Gauge
+    gpu_memory_total_bytes: Gauge
+    batch_persons: Gauge
+    batch_last_progress_timestamp_seconds: Gauge
 
 
 def create_pipeline_metrics(registry: CollectorRegistry) -> PipelineMetrics:
@@ -91,6 +96,22 @@ def create_pipeline_metrics(registry: CollectorRegistry) -> PipelineMetrics:
         coordinator_epoch=Gauge("coordinator_epoch",
                                 "Fencing epoch of the running coordinator (rises by one at every restart).",
                                 registry=registry),
+        # Per GPU worker, sampled from the device (NVML or torch.cuda) while CUDA is present; a worker
+        # without CUDA has no series. Bounded by the pool size.
+        gpu_utilization_ratio=Gauge("gpu_utilization_ratio",
+                                    "Share of the last sample period the worker's GPU was computing (0-1).",
+                                    ["worker"], registry=registry),
+        gpu_memory_used_bytes=Gauge("gpu_memory_used_bytes", "GPU memory in use on the worker's device.",
+                                    ["worker"], registry=registry),
+        gpu_memory_total_bytes=Gauge("gpu_memory_total_bytes", "GPU memory of the worker's device.",
+                                     ["worker"], registry=registry),
+        # Per running batch; like eta_seconds, a finished batch's series are removed.
+        batch_persons=Gauge("batch_persons", "Persons of a running batch, by state.",
+                            ["tenant", "batch", "state"], registry=registry),
+        batch_last_progress_timestamp_seconds=Gauge(
+            "batch_last_progress_timestamp_seconds",
+            "Unix time a running batch last made progress (a person changed state or a stage finished).",
+            ["tenant", "batch"], registry=registry),
     )
 
 
@@ -103,6 +124,8 @@ class RetentionMetrics:
     last_success_timestamp_seconds: Gauge
     deletion_requests_total: Counter
     deletion_request_duration_seconds: Histogram
+    deletion_oldest_pending_request_age_seconds: Gauge
+    sweep_interval_seconds: Gauge
 
 
 def create_retention_metrics(registry: CollectorRegistry) -> RetentionMetrics:
@@ -125,6 +148,14 @@ def create_retention_metrics(registry: CollectorRegistry) -> RetentionMetrics:
         deletion_request_duration_seconds=Histogram("deletion_request_duration_seconds",
                                                     "Wall time from request to receipt.",
                                                     buckets=DELETION_BUCKETS_S, registry=registry),
+        # A gauge, not a histogram: a request stuck for hours shows here while it is stuck, not after.
+        deletion_oldest_pending_request_age_seconds=Gauge(
+            "deletion_oldest_pending_request_age_seconds",
+            "Age of the oldest early-deletion request received and not yet finished (0: none pending).",
+            registry=registry),
+        # Exported so that alerts can say "no successful sweep for two intervals" whatever the interval.
+        sweep_interval_seconds=Gauge("retention_sweep_interval_seconds",
+                                     "Configured time between retention sweeps.", registry=registry),
     )
     # Known label values exist from the start, so dashboards show 0 rather than "no data".
     for artifact in ARTIFACT_CLASSES:

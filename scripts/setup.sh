@@ -19,4 +19,20 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install --quiet "torch==2.13.0"
 fi
 python -m pip install --quiet -e ".[test]"
+
+# Prometheus and promtool (Debian package) for the alert-rule tests and the real-Prometheus e2e test.
+# Installed only when missing and only as root; otherwise say what to run, and the tests say so too.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    # The package enables a system service; the tests run their own Prometheus on a free port instead.
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+      systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+  else
+    echo "note: prometheus/promtool are missing; as root run: apt-get install -y --no-install-recommends prometheus" >&2
+  fi
+fi
 echo "headshots is set up in $VENV (activate with: . $VENV/bin/activate)"

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 BATCH_PREFIX = "_batch"
 SYSTEM_PREFIX = "_system"
+COORDINATOR_EPOCH_PREFIX = f"{SYSTEM_PREFIX}/coordinator/epoch-"
 
 
 class InvalidId(ValueError):
@@ -138,6 +139,18 @@ def batch_contact_sheet_key(tenant: str, batch_id: str) -> str:
 
 def batch_manifest_key(tenant: str, batch_id: str) -> str:
     return f"{batch_prefix(tenant, batch_id)}{BATCH_PREFIX}/manifest.json"
+
+
+def batch_progress_key(tenant: str, batch_id: str) -> str:
+    """Live progress of a running batch (ETAs from measured stage times), written by the coordinator."""
+    return f"{batch_prefix(tenant, batch_id)}{BATCH_PREFIX}/progress.json"
+
+
+def coordinator_epoch_key(epoch: int) -> str:
+    """One create-only marker per coordinator epoch: whoever creates it owns that epoch."""
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise ValueError(f"epoch must be an integer >= 1 but is {epoch!r}")
+    return f"{COORDINATOR_EPOCH_PREFIX}{epoch:012d}"
 
 
 def batch_index_key(tenant: str, batch_id: str) -> str:

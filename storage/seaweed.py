@@ -3,6 +3,12 @@
 Production uses MinIO (see helm/); this server exists so that a laptop, CI and the test suite run
 against a real S3 implementation rather than a mock. Flags and traps are documented in
 TOOLCHAIN.md: every HTTP port P also opens P+10000 for gRPC, so ports are chosen in pairs.
+
+A server can be restarted on exactly the same ports and data (``EmbeddedS3.restart``, or
+``restart_after`` for an outage of a given length in the background): clients keep their endpoint and
+find every object written before. Its S3 port only opens once it serves requests, so while it is down
+clients see "connection refused"; while it shuts down, in-flight requests may get ``InternalError``
+(HTTP 500) or a dropped connection.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +39,19 @@ class EmbeddedServerError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ServerPorts:
+    """Every HTTP port the server listens on (each P also opens P+10000 for gRPC)."""
+
+    master: int
+    volume: int
+    filer: int
+    s3: int
+    admin: int
+
+
+@dataclass(frozen=True)
 class EmbeddedS3:
-    """A running embedded server: where to reach it and how to stop it."""
+    """A running embedded server: where to reach it and how to stop or restart it."""
 
     pid: int
     endpoint: str  # host:port
@@ -40,9 +59,74 @@ class EmbeddedS3:
     secret_key: str
     data_dir: str
     log_file: str
+    # None only for handles made by hand: such a server can be stopped but not restarted in place.
+    ports: ServerPorts | None = None
+    detach: bool = False
 
     def stop(self) -> None:
         stop_process(self.pid)
+
+    def kill(self) -> None:
+        """Stop abruptly (SIGKILL), as a crash would."""
+        kill_process(self.pid)
+
+    def restart(self, *, down_s: float = 0.0, crash: bool = False) -> "EmbeddedS3":
+        """Stop the server, stay down ``down_s`` seconds, start it again on the same ports and data.
+
+        Args:
+            down_s: how long the server stays down.
+            crash: stop with SIGKILL instead of a clean shutdown.
+
+        Returns:
+            The handle of the new process (same endpoint, credentials and data; another pid).
+
+        Raises:
+            EmbeddedServerError: it did not come back (e.g. another process took one of its ports).
+        """
+        if self.ports is None:
+            raise EmbeddedServerError("this server handle does not know its ports; it cannot be restarted in place")
+        if crash:
+            self.kill()
+        else:
+            self.stop()
+        if down_s > 0:
+            time.sleep(down_s)
+        return self.start_again()
+
+    def start_again(self) -> "EmbeddedS3":
+        """Start this (stopped) server again on the same ports and data; the new process's handle."""
+        return start_embedded_s3(self.data_dir, access_key=self.access_key, secret_key=self.secret_key,
+                                 ports=self.ports, detach=self.detach)
+
+
+def restart_after(server: EmbeddedS3, down_s: float, *, crash: bool = False) -> "Future[EmbeddedS3]":
+    """An outage of ``down_s`` seconds: stop ``server`` now, start it again in the background.
+
+    When this returns the server is down. The future resolves to the new process's handle once it is
+    back (or to the EmbeddedServerError that kept it down); wait on it before stopping the server.
+
+    Args:
+        crash: stop with SIGKILL instead of a clean shutdown.
+    """
+    if server.ports is None:
+        raise EmbeddedServerError("this server handle does not know its ports; it cannot be restarted in place")
+    if crash:
+        server.kill()
+    else:
+        server.stop()
+    down_since = time.monotonic()
+    restarted: Future[EmbeddedS3] = Future()
+    restarted.set_running_or_notify_cancel()
+
+    def come_back() -> None:
+        time.sleep(max(0.0, down_s - (time.monotonic() - down_since)))
+        try:
+            restarted.set_result(server.start_again())
+        except BaseException as error:  # handed to whoever waits on the future
+            restarted.set_exception(error)
+
+    threading.Thread(target=come_back, name=f"s3-restart-{server.endpoint}", daemon=True).start()
+    return restarted
 
 
 def weed_binary() -> str:
@@ -92,6 +176,7 @@ def start_embedded_s3(
     access_key: str,
     secret_key: str,
     s3_port: int | None = None,
+    ports: ServerPorts | None = None,
     detach: bool = False,
 ) -> EmbeddedS3:
     """Start ``weed mini`` on 127.0.0.1 and wait until it answers.
@@ -100,6 +185,8 @@ def start_embedded_s3(
         data_dir: where it keeps its volumes (created).
         access_key, secret_key: the admin identity.
         s3_port: reuse this S3 port (a restart keeps the endpoint); None picks free ports.
+        ports: reuse all of these ports (a restart in place: see ``EmbeddedS3.restart``); overrides
+            ``s3_port``.
         detach: start in a new session so the server outlives the calling process (``headshots up``).
 
     Raises:
@@ -108,15 +195,18 @@ def start_embedded_s3(
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     binary = weed_binary()
+    log_path = data_dir / "weed.log"
     for attempt in range(3):
-        others = pick_port_pairs(4 if s3_port else 5)
-        s3 = s3_port or others.pop()
-        master, volume, filer, admin = others[:4]
-        log_path = data_dir / "weed.log"
+        if ports is not None:
+            chosen = ports
+        else:
+            others = pick_port_pairs(4 if s3_port else 5)
+            chosen = ServerPorts(master=others[0], volume=others[1], filer=others[2], admin=others[3],
+                                 s3=s3_port or others[4])
         command = [
             binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-            f"-s3.port={s3}", f"-admin.port={admin}",
+            f"-master.port={chosen.master}", f"-volume.port={chosen.volume}", f"-filer.port={chosen.filer}",
+            f"-s3.port={chosen.s3}", f"-admin.port={chosen.admin}",
             "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false",
             "-master.telemetry=false", "-master.volumeSizeLimitMB=1024", "-volume.max=0",
             f"-s3.localSocket={data_dir / 's3.sock'}", f"-filer.localSocket={data_dir / 'filer.sock'}",
@@ -127,14 +217,18 @@ def start_embedded_s3(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=environment, cwd=data_dir, start_new_session=detach,
             )
-        endpoint = f"127.0.0.1:{s3}"
+        endpoint = f"127.0.0.1:{chosen.s3}"
         if _wait_ready(endpoint, process):
-            return EmbeddedS3(process.pid, endpoint, access_key, secret_key, str(data_dir), str(log_path))
+            return EmbeddedS3(process.pid, endpoint, access_key, secret_key, str(data_dir), str(log_path),
+                              ports=chosen, detach=detach)
         stop_process(process.pid)
-        if s3_port is not None and attempt == 2:
+        if ports is not None:
+            time.sleep(1.0)  # fixed ports: a socket of the previous process may still be closing
+        elif s3_port is not None and attempt == 2:
             break
     raise EmbeddedServerError(
         f"the embedded S3 server did not become ready within {READY_TIMEOUT_S:.0f} s; see {log_path}"
+        + (" (one of its fixed ports may be taken by another process)" if ports is not None else "")
     )
 
 
@@ -166,6 +260,18 @@ def is_running(pid: int) -> bool:
         return finished == 0
     except ChildProcessError:
         return True
+
+
+def kill_process(pid: int) -> None:
+    """SIGKILL and wait until the process is gone."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    for _ in range(100):
+        if not is_running(pid):
+            return
+        time.sleep(0.05)
 
 
 def stop_process(pid: int, *, grace_s: float = STOP_GRACE_S) -> None:

@@ -2,16 +2,22 @@
 
 The store is the source of truth: a coordinator that restarts reads these back and carries on. Names
 and emails live here and only here (never in keys, logs or metrics).
+
+Compare-and-swap: a document loaded from the store remembers the ETag it was read at (``etag``, never
+written into the document). Saving it sends ``If-Match`` with that ETag, so when two writers loaded the
+same version only the first save lands; the second gets :class:`StateConflict` and must reload and
+apply its change again. A document with no ETag (made in memory, or a copy) is written unconditionally.
 """
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
 from storage import keys
-from storage.store import ArtifactStore, ObjectNotFound, StoredObject, utc_now_iso
+from storage.store import ArtifactStore, ObjectNotFound, StoredObject, WriteConflict, utc_now_iso
 
 PERSON_STATES = ("queued", "ingesting", "training", "generating", "packaging",
                  "done", "needs_photos", "failed", "cancelled", "deleted")
@@ -20,6 +26,11 @@ BATCH_STATES = ("running", "done", "cancelled", "deleted")
 STAGES = ("ingest", "train", "generate", "package")
 STAGE_OF_STATE = {"ingesting": "ingest", "training": "train", "generating": "generate", "packaging": "package"}
 SCHEMA_VERSION = 1
+
+
+class StateConflict(WriteConflict):
+    """A state document changed in the store since this copy was loaded (or, on create, already
+    existed): another writer won. Reload it, apply the change again, and save."""
 
 
 @dataclass
@@ -87,6 +98,10 @@ class PersonState:
     retention: dict[str, Any] = field(default_factory=dict)
     receipt_ids: list[str] = field(default_factory=list)
     tombstoned_at: str | None = None
+    # Headshots per style beyond the batch's images_per_style, asked for with `headshots more`.
+    extra_images: dict[str, int] = field(default_factory=dict)
+    # The ETag this copy was loaded or last saved at (compare-and-swap); not part of the document.
+    etag: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.state not in PERSON_STATES:
@@ -110,13 +125,15 @@ class PersonState:
 
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
+        del document["etag"]
         document["schema_version"] = SCHEMA_VERSION
         document["objects"] = [item.to_json() for item in self.objects]
         return document
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "PersonState":
-        values = {name: data.get(name) for name in cls.__dataclass_fields__ if name in data}
+        """The document as a state; ``etag`` stays None (the store's loaders set it)."""
+        values = {name: data.get(name) for name in cls.__dataclass_fields__ if name in data and name != "etag"}
         values["photos"] = [PhotoRecord.from_json(p) for p in data.get("photos", [])]
         values["objects"] = [StoredObject.from_json(o) for o in data.get("objects", [])]
         values["headshots"] = [HeadshotRecord.from_json(h) for h in data.get("headshots", [])]
@@ -125,6 +142,7 @@ class PersonState:
         values["receipt_ids"] = list(data.get("receipt_ids") or [])
         values["flags"] = list(data.get("flags") or [])
         values["timings_s"] = dict(data.get("timings_s") or {})
+        values["extra_images"] = dict(data.get("extra_images") or {})
         return cls(**values)
 
     def summary(self) -> dict[str, Any]:
@@ -149,6 +167,10 @@ class BatchState:
     created_at: str = field(default_factory=utc_now_iso)
     updated_at: str = field(default_factory=utc_now_iso)
     finished_at: str | None = None
+    # Within a tenant, higher-priority batches get the GPUs first (from the manifest's `priority`).
+    priority: int = 0
+    # The ETag this copy was loaded or last saved at (compare-and-swap); not part of the document.
+    etag: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.state not in BATCH_STATES:
@@ -156,39 +178,86 @@ class BatchState:
 
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
+        del document["etag"]
         document["schema_version"] = SCHEMA_VERSION
         return document
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "BatchState":
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+        """The document as a state; ``etag`` stays None (the store's loaders set it)."""
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data and name != "etag"})
 
 
 class StateStore:
-    """Reads and writes state documents. Only the coordinator writes person state while a batch runs."""
+    """Reads and writes state documents. Only the coordinator writes person state while a batch runs.
+
+    Saves are compare-and-swap when the document carries an ETag (see the module docstring).
+    """
 
     def __init__(self, store: ArtifactStore):
         self.store = store
 
-    def save_batch(self, batch: BatchState) -> StoredObject:
+    def save_batch(self, batch: BatchState, *, if_absent: bool = False) -> StoredObject:
+        """Write the batch document (If-Match ``batch.etag`` when set) and its index marker.
+
+        Args:
+            if_absent: create only; fails if the batch document already exists.
+
+        Returns:
+            The version written; ``batch.etag`` is updated to its ETag.
+
+        Raises:
+            StateConflict: the document changed since ``batch`` was loaded (or exists, with ``if_absent``).
+        """
         batch.updated_at = utc_now_iso()
-        stored = self.store.put_json("state", keys.batch_state_key(batch.tenant, batch.batch_id), batch.to_json())
+        key = keys.batch_state_key(batch.tenant, batch.batch_id)
+        stored = self._save(key, batch.to_json(), etag=batch.etag, if_absent=if_absent,
+                            what=f"batch {batch.tenant}/{batch.batch_id}")
+        batch.etag = stored.etag
         # An index marker per batch: listing batches never walks per-person objects.
         index_key = keys.batch_index_key(batch.tenant, batch.batch_id)
         if not self.store.exists("state", index_key):
             self.store.put("state", index_key, b"", content_type="text/plain")
         return stored
 
-    def load_batch(self, tenant: str, batch_id: str) -> BatchState:
-        return BatchState.from_json(self.store.get_json("state", keys.batch_state_key(tenant, batch_id)))
+    def create_batch(self, batch: BatchState) -> StoredObject:
+        """Write a new batch document; StateConflict if one already exists."""
+        return self.save_batch(batch, if_absent=True)
 
-    def save_person(self, person: PersonState) -> StoredObject:
+    def load_batch(self, tenant: str, batch_id: str) -> BatchState:
+        document, etag = self._load(keys.batch_state_key(tenant, batch_id))
+        batch = BatchState.from_json(document)
+        batch.etag = etag
+        return batch
+
+    def save_person(self, person: PersonState, *, if_absent: bool = False) -> StoredObject:
+        """Write the person document, If-Match ``person.etag`` when it is set (else unconditionally).
+
+        Args:
+            if_absent: create only; fails if the person document already exists.
+
+        Returns:
+            The version written; ``person.etag`` is updated to its ETag.
+
+        Raises:
+            StateConflict: the document changed since ``person`` was loaded or last saved (or exists,
+                with ``if_absent``); ``person.etag`` is left as it was.
+        """
         person.updated_at = utc_now_iso()
-        return self.store.put_json("state", keys.person_state_key(person.ref), person.to_json())
+        stored = self._save(keys.person_state_key(person.ref), person.to_json(), etag=person.etag,
+                            if_absent=if_absent, what=f"person {person.ref.prefix.rstrip('/')}")
+        person.etag = stored.etag
+        return stored
+
+    def create_person(self, person: PersonState) -> StoredObject:
+        """Write a new person document; StateConflict if one already exists."""
+        return self.save_person(person, if_absent=True)
 
     def load_person(self, tenant: str, batch_id: str, person_id: str) -> PersonState:
-        ref = keys.PersonRef(tenant, batch_id, person_id)
-        return PersonState.from_json(self.store.get_json("state", keys.person_state_key(ref)))
+        document, etag = self._load(keys.person_state_key(keys.PersonRef(tenant, batch_id, person_id)))
+        person = PersonState.from_json(document)
+        person.etag = etag
+        return person
 
     def load_persons(self, batch: BatchState, *, threads: int = 8) -> list[PersonState]:
         def load(person_id: str) -> PersonState:
@@ -196,6 +265,22 @@ class StateStore:
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             return list(pool.map(load, batch.person_ids))
+
+    def _load(self, key: str) -> tuple[Any, str]:
+        data, etag = self.store.get_with_etag("state", key)
+        return json.loads(data), etag
+
+    def _save(self, key: str, document: Mapping[str, Any], *, etag: str | None, if_absent: bool,
+              what: str) -> StoredObject:
+        if if_absent and etag is not None:
+            raise ValueError(f"{what} was loaded from the store (it has an etag); save it without if_absent")
+        try:
+            return self.store.put_json("state", key, document, if_match=etag, if_absent=if_absent)
+        except WriteConflict as error:
+            change = "already exists" if if_absent else "was changed by another writer since it was loaded"
+            raise StateConflict(f"state of {what} {change}: reload it and apply the change again",
+                                bucket=error.bucket, key=error.key, request_id=error.request_id,
+                                code=error.code) from None
 
     def list_batches(self, tenant: str | None = None) -> list[tuple[str, str]]:
         """(tenant, batch_id) of every batch, optionally of one tenant."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import secrets
 import uuid
+from concurrent.futures import Future
 
 import pytest
 
 from headshots.config import Config
-from storage.seaweed import start_embedded_s3
+from storage.seaweed import EmbeddedS3, restart_after, start_embedded_s3
 from storage.store import ArtifactStore
 
 from headshots.manifest import Consent
@@ -19,10 +20,56 @@ TEST_CONSENT = Consent(collected_by="test-suite", given_at="2026-11-20")
 TINY_TRAINING = {"steps": 6, "rank": 4, "learning_rate": 1e-3, "checkpoint_every": 3}
 
 
+class SessionS3:
+    """The session's S3 server, restartable in place.
+
+    Reads like an :class:`~storage.seaweed.EmbeddedS3` (``endpoint``, ``access_key``, ``pid``, ...,
+    always of the current process). ``restart_after`` takes it down for a while and brings it back on
+    the same ports with the same data and credentials, so every config, store and Ray actor built
+    from it keeps working once it is back.
+    """
+
+    def __init__(self, server: EmbeddedS3):
+        self.server = server
+        self._restarting: Future | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self.server, name)
+
+    def restart_after(self, down_s: float, *, crash: bool = False) -> Future:
+        """Stop the server now (SIGKILL with ``crash``), start it again ``down_s`` seconds later in
+        the background. The future resolves to the new handle (this object then reads from it)."""
+        if self._restarting is not None and not self._restarting.done():
+            raise RuntimeError("the session S3 server is already restarting")
+        self._restarting = restart_after(self.server, down_s, crash=crash)
+
+        def adopt(done: Future) -> None:
+            if done.exception() is None:
+                self.server = done.result()
+
+        self._restarting.add_done_callback(adopt)
+        return self._restarting
+
+    def wait_until_back(self, timeout_s: float = 120.0) -> EmbeddedS3:
+        """Block until a restart has finished (raises if the server did not come back)."""
+        if self._restarting is not None:
+            # Set here too: a waiter can wake before the future's callback has run.
+            self.server = self._restarting.result(timeout=timeout_s)
+        return self.server
+
+    def stop(self) -> None:
+        if self._restarting is not None:
+            try:
+                self.wait_until_back()
+            except Exception:
+                pass  # nothing came back to stop
+        self.server.stop()
+
+
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    server = start_embedded_s3(tmp_path_factory.mktemp("s3"), access_key="test" + secrets.token_hex(4),
-                               secret_key=secrets.token_urlsafe(24))
+def s3_server(tmp_path_factory) -> SessionS3:
+    server = SessionS3(start_embedded_s3(tmp_path_factory.mktemp("s3"), access_key="test" + secrets.token_hex(4),
+                                         secret_key=secrets.token_urlsafe(24)))
     yield server
     server.stop()
 

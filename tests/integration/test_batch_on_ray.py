@@ -198,3 +198,40 @@ def test_a_person_short_of_photos_gets_more_and_is_retried(coordinator, base_con
     assert person.state == "done" and len(person.headshots) == 1 and person.photos_accepted == 6
     with pytest.raises(ray.exceptions.RayTaskError, match="only needs_photos, failed, cancelled"):
         ray.get(coordinator.retry_person.remote(submitted.tenant, submitted.batch_id, "full"))
+
+
+def test_more_headshots_come_from_the_stored_model_without_retraining(coordinator, base_config, store):
+    import ray
+
+    photos = sorted((EXAMPLES / "eileen-collins").iterdir())[:4]
+    manifest = BatchManifest(tenant="acme-more", name="More team", base_model="tiny", styles=STYLES,
+                             images_per_style=1, consent=TEST_CONSENT,
+                             persons=[PersonSpec("ana", "Ana", None, photos)])
+    submitted = client.submit_batch(base_config, manifest, start=False)
+    ray.get(coordinator.submit.remote(submitted.tenant, submitted.batch_id))
+    assert ray.get(coordinator.wait.remote(submitted.tenant, submitted.batch_id, 300)) == "done"
+    states = StateStore(store)
+    before = states.load_person(submitted.tenant, submitted.batch_id, "ana")
+    lora_versions = store.list_versions("models", keys.lora_key(before.ref))
+    manifest_versions = store.list_versions("outputs", keys.batch_manifest_key(submitted.tenant, submitted.batch_id))
+
+    result = ray.get(coordinator.more_headshots.remote(submitted.tenant, submitted.batch_id, "ana", 2, "office"))
+    assert result["added_per_style"] == {"office": 2}
+    assert ray.get(coordinator.wait.remote(submitted.tenant, submitted.batch_id, 300)) == "done"
+    after = states.load_person(submitted.tenant, submitted.batch_id, "ana")
+    assert after.state == "done"
+    assert sorted((h.style, h.index) for h in after.headshots) == [
+        ("corporate-grey", 0), ("office", 0), ("office", 1), ("office", 2)]
+    # No retraining: the LoRA has the same single version; the retention clock did not restart.
+    assert store.list_versions("models", keys.lora_key(after.ref)) == lora_versions
+    assert after.processed_at == before.processed_at
+    # The batch was packaged again, with the new headshots in its manifest.
+    assert len(store.list_versions("outputs", keys.batch_manifest_key(submitted.tenant, submitted.batch_id))) == \
+        len(manifest_versions) + 1
+    stored = set(store.list_keys("outputs", after.ref.prefix + "headshots/office/"))
+    assert stored == {h.key for h in after.headshots if h.style == "office"}
+
+    with pytest.raises(ray.exceptions.RayTaskError, match="not one of batch"):
+        ray.get(coordinator.more_headshots.remote(submitted.tenant, submitted.batch_id, "ana", 1, "beach"))
+    with pytest.raises(ray.exceptions.RayTaskError, match="count must be an integer from 1 to 64"):
+        ray.get(coordinator.more_headshots.remote(submitted.tenant, submitted.batch_id, "ana", 0, None))

@@ -16,32 +16,10 @@ from storage.receipts import list_receipts, pending_intents, verify_receipt
 from storage.retention import file_person, format_time, parse_time
 from storage.state import PersonState, StateStore
 from tests.integration.conftest import TEST_CONSENT
+from tests.integration.ray_actors import remove_named_actors, wait_for
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo" / "photos"
 PERSON_CLASSES = ("uploads", "derived", "models", "outputs")
-
-
-def _remove_named_actors(ray, namespace: str) -> None:
-    from cluster.actors import COORDINATOR_NAME, GPU_WORKER_PREFIX, RETENTION_NAME
-
-    names = [COORDINATOR_NAME, RETENTION_NAME] + [f"{GPU_WORKER_PREFIX}{i}" for i in range(8)]
-    for name in names:
-        try:
-            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
-        except ValueError:
-            pass
-
-    def gone(name: str) -> bool:
-        try:
-            ray.get_actor(name, namespace=namespace)
-            return False
-        except ValueError:
-            return True
-
-    # Killing is asynchronous: wait until the names are free, or the next module would get the old
-    # actors (with their old config) back from get_if_exists.
-    _wait_for(lambda: all(gone(name) for name in names), 60, "the previous actors to go")
-    time.sleep(1.0)  # let Ray release the fake GPUs before new workers ask for them
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +34,17 @@ def coordinator(ray_cluster, slow_config):
     from cluster.actors import get_or_create_coordinator
 
     namespace = slow_config.ray.namespace  # where the stack's named actors live (the config says)
-    _remove_named_actors(ray_cluster, namespace)  # earlier modules' actors run with other configs
+    remove_named_actors(ray_cluster, namespace)  # earlier modules' actors run with other configs
     handle = get_or_create_coordinator(slow_config, metrics_port=None)
     from cluster.actors import existing_gpu_workers
 
     # Actor names register asynchronously: wait for the coordinator's two workers to appear.
-    _wait_for(lambda: len(existing_gpu_workers(namespace)) == 2, 60, "the GPU workers")
+    wait_for(lambda: len(existing_gpu_workers(namespace)) == 2, 60, "the GPU workers")
     workers = existing_gpu_workers(namespace)
     assert {ray_cluster.get(w.info.remote())["training_steps"] for w in workers} == {300}, \
         "GPU workers from another module (another config) survived"
     yield handle
-    _remove_named_actors(ray_cluster, namespace)
+    remove_named_actors(ray_cluster, namespace)
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +52,6 @@ def controller(ray_cluster, slow_config, coordinator):
     from cluster.actors import get_or_create_retention_controller
 
     return get_or_create_retention_controller(slow_config, metrics_port=None)
-
-
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_deleting_a_person_mid_fine_tune_stops_it_and_leaves_nothing(coordinator, controller, slow_config, store):
@@ -96,14 +67,14 @@ def test_deleting_a_person_mid_fine_tune_stops_it_and_leaves_nothing(coordinator
     states = StateStore(store)
     ada = keys.PersonRef(submitted.tenant, submitted.batch_id, "ada")
     # Wait for a stored checkpoint: the fine-tune is then truly under way (300 steps take far longer).
-    _wait_for(lambda: count_versions(store, "models", keys.checkpoint_key(ada)) > 0, 120, "ada's first checkpoint")
+    wait_for(lambda: count_versions(store, "models", keys.checkpoint_key(ada)) > 0, 120, "ada's first checkpoint")
 
     started = time.perf_counter()
     result = ray.get(controller.delete.remote(ada.tenant, ada.batch_id, "ada", True, "test-suite"))
     elapsed = time.perf_counter() - started
     assert elapsed < 60 and result["verification"]["listing_count"] == 0
     # Nothing of Ada in any artifact bucket, any version — also after the batch has finished.
-    _wait_for(lambda: states.load_batch(ada.tenant, ada.batch_id).state != "running", 300, "the batch to end")
+    wait_for(lambda: states.load_batch(ada.tenant, ada.batch_id).state != "running", 300, "the batch to end")
     for artifact in PERSON_CLASSES:
         assert count_versions(store, artifact, ada.prefix) == 0, artifact
     document = store.get_json("state", keys.person_state_key(ada))
@@ -141,7 +112,7 @@ def test_a_controller_killed_mid_sweep_is_finished_by_the_next_sweep(controller,
 
     pid_before = ray.get(controller.ping.remote())["pid"]
     sweep = controller.sweep.remote(now, False)
-    _wait_for(lambda: any(i["tenant"] == tenant for _, i in pending_intents(store)), 60, "the sweep to start")
+    wait_for(lambda: any(i["tenant"] == tenant for _, i in pending_intents(store)), 60, "the sweep to start")
     ray.kill(controller, no_restart=False)
     # Ray restarts the actor and retries the call; the restarted controller (its start-up sweep, or the
     # retried one) adopts the dead sweep's intents and finishes them.
@@ -174,7 +145,7 @@ def test_cancel_stops_a_running_person_and_retry_runs_it_again(coordinator, slow
     submitted = client.submit_batch(slow_config, manifest, start=False)
     ray.get(coordinator.submit.remote(submitted.tenant, submitted.batch_id))
     cleo = keys.PersonRef(submitted.tenant, submitted.batch_id, "cleo")
-    _wait_for(lambda: count_versions(store, "models", keys.checkpoint_key(cleo)) > 0, 120, "cleo's first checkpoint")
+    wait_for(lambda: count_versions(store, "models", keys.checkpoint_key(cleo)) > 0, 120, "cleo's first checkpoint")
     result = ray.get(coordinator.cancel_persons.remote(
         [{"tenant": cleo.tenant, "batch_id": cleo.batch_id, "person_id": "cleo"}]))
     assert result["cancelled"] == ["cleo"]
@@ -185,6 +156,6 @@ def test_cancel_stops_a_running_person_and_retry_runs_it_again(coordinator, slow
     assert count_versions(store, "models", keys.checkpoint_key(cleo)) == checkpoints
 
     ray.get(coordinator.retry_person.remote(cleo.tenant, cleo.batch_id, "cleo"))
-    _wait_for(lambda: states.load_batch(cleo.tenant, cleo.batch_id).state == "done", 300, "the retried batch")
+    wait_for(lambda: states.load_batch(cleo.tenant, cleo.batch_id).state == "done", 300, "the retried batch")
     person = states.load_person(cleo.tenant, cleo.batch_id, "cleo")
     assert person.state == "done" and person.train_steps_done == 300 and len(person.headshots) == 1

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 from pathlib import Path
 
 import pytest
+from minio.sse import SseCustomerKey
 
 from headshots.client import upload_person
 from headshots.manifest import PersonSpec
 from pipeline.ingest import has_metadata
 from storage import keys
 from storage.scoped import PersonScope, ScopeViolation
-from storage.state import BatchState, PersonState, StateStore
-from storage.store import ObjectNotFound
+from storage.state import BatchState, PersonState, StateConflict, StateStore
+from storage.store import ArtifactStore, ObjectExists, ObjectNotFound, WriteConflict
 from tests.integration.conftest import TEST_CONSENT, read_version
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo" / "photos"
@@ -105,3 +107,83 @@ def test_without_consent_no_photo_is_stored(store, base_config, tenant):
     assert person.state == "needs_photos" and person.consent is None
     assert [p.reason for p in person.photos] == ["no_consent"]
     assert list(store.list_keys("uploads", f"{tenant}/")) == []
+
+
+def test_put_if_match_is_compare_and_swap(store, tenant):
+    key = f"{tenant}/b1/doc.json"
+    first = store.put("state", key, b"v1", content_type="application/json")
+    data, etag = store.get_with_etag("state", key)
+    assert data == b"v1" and etag == first.etag
+    second = store.put("state", key, b"v2", if_match=etag)
+    assert second.etag not in (None, first.etag) and second.version_id != first.version_id
+    with pytest.raises(WriteConflict, match="no longer ETag") as caught:
+        store.put("state", key, b"v3", if_match=first.etag)
+    assert not isinstance(caught.value, ObjectExists) and caught.value.code == "PreconditionFailed"
+    assert store.get_with_etag("state", key) == (b"v2", second.etag)
+    with pytest.raises(ObjectExists):
+        store.put("state", key, b"v4", if_absent=True)
+    assert len(store.list_versions("state", key)) == 2  # the losers added no version
+
+
+def test_if_match_works_on_server_encrypted_and_customer_key_objects(store, tenant):
+    encrypted = ArtifactStore(store.client, store.buckets, server_side_encryption=True)
+    key = f"{tenant}/b1/sse-s3.json"
+    first = encrypted.put("state", key, b"a")
+    assert encrypted.get_with_etag("state", key)[1] == first.etag
+    encrypted.put("state", key, b"b", if_match=first.etag)
+    with pytest.raises(WriteConflict):
+        encrypted.put("state", key, b"c", if_match=first.etag)
+    ssec = SseCustomerKey(secrets.token_bytes(32))
+    key = f"{tenant}/b1/ada/uploads/000.jpg"
+    first = store.put("uploads", key, b"a", ssec=ssec)
+    assert store.get_with_etag("uploads", key, ssec=ssec) == (b"a", first.etag)
+    store.put("uploads", key, b"b", ssec=ssec, if_match=first.etag)
+    with pytest.raises(WriteConflict):
+        store.put("uploads", key, b"c", ssec=ssec, if_match=first.etag)
+
+
+def test_two_writers_of_one_person_state_the_first_wins(store, tenant):
+    states = StateStore(store)
+    created = PersonState(tenant=tenant, batch_id="b1", person_id="ada", name="Ada Lovelace")
+    states.save_person(created)  # no etag: an unconditional write, as before
+    assert created.etag
+    first, second = states.load_person(tenant, "b1", "ada"), states.load_person(tenant, "b1", "ada")
+    assert first.etag == second.etag == created.etag
+    first.state, second.state = "ingesting", "cancelled"
+    states.save_person(first)
+    with pytest.raises(StateConflict, match=rf"state of person {tenant}/b1/ada was changed by another writer"):
+        states.save_person(second)
+    stored_document = store.get_json("state", keys.person_state_key(first.ref))
+    assert stored_document["state"] == "ingesting" and "etag" not in stored_document
+    # The loser reloads and applies its change again.
+    second = states.load_person(tenant, "b1", "ada")
+    second.state = "cancelled"
+    states.save_person(second)
+    with pytest.raises(StateConflict):
+        states.save_person(first)  # now the first holds a stale copy
+    assert states.load_person(tenant, "b1", "ada").state == "cancelled"
+    # A snapshot carries the live copy's etag through a save (what the coordinator does).
+    live = states.load_person(tenant, "b1", "ada")
+    snapshot = PersonState.from_json(live.to_json())
+    assert snapshot.etag is None
+    snapshot.etag = live.etag
+    states.save_person(snapshot)
+    live.etag = snapshot.etag
+    live.error = "x"
+    states.save_person(live)
+    with pytest.raises(StateConflict, match="already exists"):
+        states.create_person(PersonState(tenant=tenant, batch_id="b1", person_id="ada", name="Ada Lovelace"))
+    states.create_person(PersonState(tenant=tenant, batch_id="b1", person_id="bob", name="Bob"))
+
+
+def test_two_writers_of_one_batch_state_the_first_wins(store, tenant):
+    states = StateStore(store)
+    states.create_batch(BatchState(tenant=tenant, batch_id="b1", name="Q3", base_model="tiny", styles=["office"],
+                                   images_per_style=1, person_ids=["ada"]))
+    first, second = states.load_batch(tenant, "b1"), states.load_batch(tenant, "b1")
+    first.state, second.state = "done", "cancelled"
+    states.save_batch(first)
+    with pytest.raises(StateConflict, match=rf"state of batch {tenant}/b1 was changed by another writer"):
+        states.save_batch(second)
+    assert states.load_batch(tenant, "b1").state == "done"
+    assert states.list_batches(tenant) == [(tenant, "b1")]

@@ -138,3 +138,66 @@ def test_ingest_keeps_reference_embeddings_as_encrypted_derived_data(worker, sto
 
     embeddings = json.loads(read_version(store, key_store, "derived", key))["embeddings"]
     assert len(embeddings) == 4 and all(len(e) == 128 for e in embeddings)
+
+
+def test_a_fence_stops_a_stale_fine_tune_and_refuses_older_jobs(base_config, store, tenant):
+    """A new coordinator epoch: the stage its predecessor started stops at its next step, and returns
+    before the new coordinator re-sends anything; jobs of the old epoch are refused from then on."""
+    import dataclasses
+    import threading
+
+    from cluster.worker import StaleJob
+
+    worker = GpuWorker(base_config, "fence-worker")
+    job = dataclasses.replace(_ingested_person(store, base_config, tenant, "fenced"), epoch=1)
+    step_reached = threading.Event()
+    release = threading.Event()
+
+    def pause_at_second_step() -> bool:
+        # Called before every step: hold the stage here until the fence has been raised.
+        if not step_reached.is_set():
+            step_reached.set()
+            release.wait(timeout=30)
+        return False
+
+    outcome = {}
+
+    def run_stale_stage():
+        try:
+            outcome["result"] = worker.train(job, should_stop=pause_at_second_step)
+        except BaseException as error:  # noqa: BLE001 - the test inspects what the stage raised
+            outcome["error"] = error
+
+    stage = threading.Thread(target=run_stale_stage)
+    stage.start()
+    assert step_reached.wait(timeout=60)
+    fence_result = {}
+    fencer = threading.Thread(target=lambda: fence_result.update(worker.fence(2)))
+    fencer.start()
+    release.set()
+    fencer.join(timeout=60)
+    stage.join(timeout=60)
+    assert fence_result["drained"] is True and fence_result["epoch"] == 2
+    assert isinstance(outcome.get("error"), finetune.TrainingStopped), outcome
+    assert not list(store.list_keys("models", keys.lora_key(job.ref)))  # the stale stage wrote no LoRA
+    with pytest.raises(StaleJob, match="epoch 1"):
+        worker.train(job)
+    # The new epoch's job resumes from the stale stage's last checkpoint (or the start) and completes.
+    finished = worker.train(dataclasses.replace(job, epoch=2))
+    assert finished.details["steps"] == base_config.training.steps
+
+
+def test_more_images_generate_only_the_new_slots(worker, store, base_config, tenant):
+    import dataclasses
+
+    job = _ingested_person(store, base_config, tenant, "more")
+    worker.train(job)
+    first = worker.generate(job)
+    before = {o.key: o.version_id for o in first.objects}
+    more = worker.generate(dataclasses.replace(job, extra_by_style=(("office", 3),)))
+    added = {(r["style"], r["index"]) for r in more.details["headshots"]} - {
+        (r["style"], r["index"]) for r in first.details["headshots"]}
+    assert added == {("office", 2), ("office", 3), ("office", 4)}
+    assert len(more.objects) == 3  # nothing already stored was written again
+    for key, version_id in before.items():
+        assert [v for _, v, _ in store.list_versions("outputs", key)] == [version_id]

@@ -92,8 +92,83 @@ seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
+{{/* The store endpoint the app uses: the chart's own MinIO when enabled, else store.endpoint. */}}
+{{- define "headshots.storeEndpoint" -}}
+{{- if .Values.store.minio.enabled }}
+{{- printf "%s-minio.%s.svc:9000" (include "headshots.fullname" .) .Release.Namespace }}
+{{- else }}
+{{- .Values.store.endpoint }}
+{{- end }}
+{{- end }}
+
+{{/* The store's port, for the NetworkPolicy (443 when the endpoint names none). */}}
+{{- define "headshots.storePort" -}}
+{{- $port := regexFind "[0-9]+$" (regexFind ":[0-9]+$" (include "headshots.storeEndpoint" .)) }}
+{{- default "443" $port }}
+{{- end }}
+
+{{/* The Secret and key holding the store's CA certificate; empty when the image's public CAs apply. */}}
+{{- define "headshots.storeCaSecret" -}}
+{{- if .Values.store.caBundle.existingSecret }}
+{{- .Values.store.caBundle.existingSecret }}
+{{- else if .Values.store.minio.enabled }}
+{{- .Values.store.minio.tls.existingSecret }}
+{{- end }}
+{{- end }}
+{{- define "headshots.storeCaKey" -}}
+{{- if .Values.store.caBundle.existingSecret }}{{ .Values.store.caBundle.key }}{{ else }}ca.crt{{ end }}
+{{- end }}
+
+{{/* Where the store's CA certificate is mounted (config.yaml store.ca_file). */}}
+{{- define "headshots.storeCaFile" -}}
+{{- if include "headshots.storeCaSecret" . }}/etc/headshots/store-ca/ca.crt{{ end }}
+{{- end }}
+
+{{/* Labels that select the release's Ray pods (KubeRay puts ray.io/cluster on every pod it creates). */}}
+{{- define "headshots.raySelectorLabels" -}}
+ray.io/cluster: {{ include "headshots.fullname" . }}
+{{- end }}
+
+{{/* Person classes the policy keeps until deleted on request ("keep"), as a comma-separated list. */}}
+{{- define "headshots.retentionKeptForever" -}}
+{{- $policy := .Values.retention.policy }}
+{{- $kept := list }}
+{{- range $artifact := list "uploads" "derived" "models" }}
+{{- if eq (toString (index $policy.days $artifact)) "keep" }}
+{{- $kept = append $kept $artifact }}
+{{- end }}
+{{- range $tenant, $days := $policy.tenants }}
+{{- if eq (toString (index $days $artifact | default "")) "keep" }}
+{{- $kept = append $kept (printf "%s (tenant %s)" $artifact $tenant) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- join ", " $kept }}
+{{- end }}
+
+{{/* The retention policy in the app's file shape: "keep" becomes null (what the app reads as "keep"). */}}
+{{- define "headshots.retentionPolicyFile" -}}
+{{- $policy := deepCopy .Values.retention.policy }}
+{{- $toFile := dict }}
+{{- range $artifact, $value := $policy.days }}
+{{- $_ := set $toFile $artifact (ternary nil $value (eq (toString $value) "keep")) }}
+{{- end }}
+{{- $_ := set $policy "days" $toFile }}
+{{- $tenants := dict }}
+{{- range $tenant, $days := ($policy.tenants | default dict) }}
+{{- $tenantDays := dict }}
+{{- range $artifact, $value := $days }}
+{{- $_ := set $tenantDays $artifact (ternary nil $value (eq (toString $value) "keep")) }}
+{{- end }}
+{{- $_ := set $tenants $tenant $tenantDays }}
+{{- end }}
+{{- $_ := set $policy "tenants" $tenants }}
+{{- toYaml $policy }}
+{{- end }}
+
 {{/*
-Environment shared by the head and the GPU workers. Secrets are referenced, never inlined.
+Environment shared by every Ray container (head, controllers, workers). Secrets are referenced,
+never inlined.
 */}}
 {{- define "headshots.env" -}}
 - name: HEADSHOTS_CONFIG
@@ -114,6 +189,11 @@ Environment shared by the head and the GPU workers. Secrets are referenced, neve
     secretKeyRef:
       name: {{ .Values.store.existingSecret }}
       key: secret-key
+- name: HEADSHOTS_SECURITY_MASTER_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.security.existingSecret }}
+      key: master-key
 {{- if .Values.ray.auth.enabled }}
 - name: RAY_AUTH_MODE
   value: token
@@ -126,9 +206,19 @@ Environment shared by the head and the GPU workers. Secrets are referenced, neve
 - name: RAY_AUTH_MODE
   value: disabled
 {{- end }}
+{{- if .Values.ray.tls.enabled }}
+- name: RAY_USE_TLS
+  value: "1"
+- name: RAY_TLS_SERVER_CERT
+  value: /etc/ray/tls/tls.crt
+- name: RAY_TLS_SERVER_KEY
+  value: /etc/ray/tls/tls.key
+- name: RAY_TLS_CA_CERT
+  value: /etc/ray/tls/ca.crt
+{{- end }}
 {{- end }}
 
-{{/* Volume mounts shared by the head and the GPU workers. */}}
+{{/* Volume mounts shared by every Ray container. */}}
 {{- define "headshots.volumeMounts" -}}
 - name: config
   mountPath: /etc/headshots
@@ -137,9 +227,19 @@ Environment shared by the head and the GPU workers. Secrets are referenced, neve
   mountPath: /tmp
 - name: shm
   mountPath: /dev/shm
+{{- if include "headshots.storeCaSecret" . }}
+- name: store-ca
+  mountPath: /etc/headshots/store-ca
+  readOnly: true
+{{- end }}
+{{- if .Values.ray.tls.enabled }}
+- name: ray-tls
+  mountPath: /etc/ray/tls
+  readOnly: true
+{{- end }}
 {{- end }}
 
-{{/* Volumes for a pod; call with (dict "root" $ "group" .Values.head) or .Values.gpuWorkers. */}}
+{{/* Volumes for a Ray pod; call with (dict "root" $ "group" .Values.head), .Values.gpuWorkers or .Values.cpuWorkers. */}}
 {{- define "headshots.volumes" -}}
 - name: config
   configMap:
@@ -151,6 +251,161 @@ Environment shared by the head and the GPU workers. Secrets are referenced, neve
   emptyDir:
     medium: Memory
     sizeLimit: {{ .group.shmSizeLimit }}
+{{- with include "headshots.storeCaSecret" .root }}
+- name: store-ca
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: {{ include "headshots.storeCaKey" $.root }}
+        path: ca.crt
+{{- end }}
+{{- if .root.Values.ray.tls.enabled }}
+- name: ray-tls
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
+- name: ray-tls-ca
+  secret:
+    secretName: {{ .root.Values.ray.tls.existingSecret }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+      - key: ca.key
+        path: ca.key
+- name: ray-tls-script
+  configMap:
+    name: {{ include "headshots.fullname" .root }}-ray-tls
+{{- end }}
+{{- end }}
+
+{{/*
+Init container that issues a Ray pod its TLS certificate (for its IP and the head Service's name),
+signed by the CA from ray.tls.existingSecret. The CA key is mounted here only.
+*/}}
+{{- define "headshots.rayTlsInitContainer" -}}
+{{- if .Values.ray.tls.enabled }}
+- name: ray-tls-certificate
+  image: {{ include "headshots.image" . | quote }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["python", "/etc/ray/tls-script/issue-certificate.py"]
+  env:
+    - name: POD_IP
+      valueFrom:
+        fieldRef:
+          fieldPath: status.podIP
+    - name: HEAD_SERVICE_DNS
+      value: {{ printf "%s-head-svc.%s.svc" (include "headshots.fullname" .) .Release.Namespace | quote }}
+    - name: CERTIFICATE_DAYS
+      value: {{ .Values.ray.tls.certificateDays | quote }}
+  resources:
+    requests:
+      cpu: 50m
+      memory: 64Mi
+    limits:
+      cpu: 200m
+      memory: 128Mi
+  securityContext:
+    {{- include "headshots.containerSecurityContext" . | nindent 4 }}
+  volumeMounts:
+    - name: ray-tls
+      mountPath: /etc/ray/tls
+    - name: ray-tls-ca
+      mountPath: /etc/ray/tls-ca
+      readOnly: true
+    - name: ray-tls-script
+      mountPath: /etc/ray/tls-script
+      readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+A Ray pod spec's scheduling and security part; call with (dict "root" $ "group" <group values>
+"automountToken" bool).
+*/}}
+{{- define "headshots.podCommon" -}}
+automountServiceAccountToken: {{ .automountToken }}
+securityContext:
+  {{- include "headshots.podSecurityContext" .root | nindent 2 }}
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .group.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .group.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* A worker group's entry in workerGroupSpecs; call with (dict "root" $ "group" <values> "component" name "gpu" bool). */}}
+{{- define "headshots.workerGroup" -}}
+{{- $root := .root }}
+{{- $group := .group }}
+{{- $params := $group.rayStartParams }}
+{{- if not .gpu }}
+{{- /* CPU-only group: never advertise GPUs, whatever the node has. */}}
+{{- $params = merge (dict "num-gpus" "0") $group.rayStartParams }}
+{{- end }}
+- groupName: {{ $group.groupName }}
+  replicas: {{ $group.replicas }}
+  minReplicas: {{ $group.minReplicas }}
+  maxReplicas: {{ $group.maxReplicas }}
+  rayStartParams:
+    {{- include "headshots.rayStartParams" $params | nindent 4 }}
+  template:
+    metadata:
+      labels:
+        {{- include "headshots.labels" $root | nindent 8 }}
+        app.kubernetes.io/component: {{ .component }}
+        {{- with $group.podLabels }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      annotations:
+        checksum/config: {{ include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum }}
+        {{- with $group.podAnnotations }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+    spec:
+      {{- include "headshots.podCommon" (dict "root" $root "group" $group "automountToken" false) | nindent 6 }}
+      {{- with $group.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with include "headshots.rayTlsInitContainer" $root }}
+      initContainers:
+        {{- . | nindent 8 }}
+      {{- end }}
+      containers:
+        - name: ray-worker
+          image: {{ include "headshots.image" $root | quote }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          env:
+            {{- include "headshots.env" $root | nindent 12 }}
+          resources:
+            {{- if .gpu }}
+            {{- /* One GPU per pod: the app runs one GPU worker actor per GPU (num_gpus=1). */}}
+            requests:
+              {{- with omit ($group.resources.requests | default dict) "nvidia.com/gpu" }}
+              {{- toYaml . | nindent 14 }}
+              {{- end }}
+              nvidia.com/gpu: 1
+            limits:
+              {{- with omit ($group.resources.limits | default dict) "nvidia.com/gpu" }}
+              {{- toYaml . | nindent 14 }}
+              {{- end }}
+              nvidia.com/gpu: 1
+            {{- else }}
+            {{- toYaml $group.resources | nindent 12 }}
+            {{- end }}
+          securityContext:
+            {{- include "headshots.containerSecurityContext" $root | nindent 12 }}
+          volumeMounts:
+            {{- include "headshots.volumeMounts" $root | nindent 12 }}
+      volumes:
+        {{- include "headshots.volumes" (dict "root" $root "group" $group) | nindent 8 }}
 {{- end }}
 
 {{/*
@@ -159,8 +414,19 @@ names the key path, its value and what is allowed.
 */}}
 {{- define "headshots.validateConfig" -}}
 {{- $store := .Values.store }}
+{{- if $store.minio.enabled }}
+{{- if $store.endpoint }}
+{{- fail (printf "store.endpoint must be empty while store.minio.enabled is true (the chart points the app at its own MinIO) but is %q" $store.endpoint) }}
+{{- end }}
+{{- if not $store.minio.tls.existingSecret }}
+{{- fail (printf "store.minio.tls.existingSecret must name an existing Secret with the keys tls.crt, tls.key and ca.crt while store.minio.enabled is true (photos only travel over TLS) but is %q" (toString $store.minio.tls.existingSecret)) }}
+{{- end }}
+{{- if not $store.secure }}
+{{- fail "store.secure must be true while store.minio.enabled is true (the chart's MinIO serves TLS only) but is false" }}
+{{- end }}
+{{- else }}
 {{- if not $store.endpoint }}
-{{- fail (printf "store.endpoint is required (the S3/MinIO endpoint as host:port, e.g. minio.storage.svc:9000) but is %q" (toString $store.endpoint)) }}
+{{- fail (printf "store.endpoint is required (the S3/MinIO endpoint as host:port, e.g. minio.storage.svc:9000), or set store.minio.enabled=true for a trial MinIO; it is %q" (toString $store.endpoint)) }}
 {{- end }}
 {{- if or (contains "://" $store.endpoint) (contains "/" $store.endpoint) }}
 {{- fail (printf "store.endpoint must be host:port without a scheme or path but is %q; store.secure chooses TLS" $store.endpoint) }}
@@ -169,14 +435,35 @@ names the key path, its value and what is allowed.
 {{- if and (not $store.secure) (not $loopback) }}
 {{- fail (printf "store.secure must be true for store.endpoint %q (not loopback) but is %v: photos may only travel over TLS" $store.endpoint $store.secure) }}
 {{- end }}
+{{- end }}
 {{- if not $store.existingSecret }}
 {{- fail (printf "store.existingSecret must name an existing Secret with the keys access-key and secret-key but is %q" (toString $store.existingSecret)) }}
+{{- end }}
+{{- if not .Values.security.existingSecret }}
+{{- fail (printf "security.existingSecret must name an existing Secret with the key master-key (base64 of 32 random bytes; it wraps every person's data key) but is %q" (toString .Values.security.existingSecret)) }}
 {{- end }}
 {{- if and .Values.ray.auth.enabled (not .Values.ray.auth.existingSecret) }}
 {{- fail (printf "ray.auth.existingSecret must name an existing Secret with the key token while ray.auth.enabled is true, but is %q" (toString .Values.ray.auth.existingSecret)) }}
 {{- end }}
-{{- $workers := .Values.gpuWorkers }}
+{{- if and .Values.ray.tls.enabled (not .Values.ray.tls.existingSecret) }}
+{{- fail (printf "ray.tls.existingSecret must name an existing Secret with the keys ca.crt and ca.key while ray.tls.enabled is true, but is %q" (toString .Values.ray.tls.existingSecret)) }}
+{{- end }}
+{{- range $key := list "gpuWorkers" "cpuWorkers" }}
+{{- $workers := index $.Values $key }}
 {{- if or (lt (int $workers.replicas) (int $workers.minReplicas)) (gt (int $workers.replicas) (int $workers.maxReplicas)) }}
-{{- fail (printf "gpuWorkers.replicas must be between gpuWorkers.minReplicas (%d) and gpuWorkers.maxReplicas (%d) but is %d" (int $workers.minReplicas) (int $workers.maxReplicas) (int $workers.replicas)) }}
+{{- fail (printf "%s.replicas must be between %s.minReplicas (%d) and %s.maxReplicas (%d) but is %d" $key $key (int $workers.minReplicas) $key (int $workers.maxReplicas) (int $workers.replicas)) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.cpuWorkers.enabled (eq .Values.cpuWorkers.groupName .Values.gpuWorkers.groupName) }}
+{{- fail (printf "cpuWorkers.groupName must differ from gpuWorkers.groupName but both are %q" .Values.gpuWorkers.groupName) }}
+{{- end }}
+{{- if eq (int .Values.metrics.port) (int .Values.metrics.retentionPort) }}
+{{- fail (printf "metrics.retentionPort must differ from metrics.port but both are %d" (int .Values.metrics.port)) }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled is true but metrics.service.enabled is false: the ServiceMonitor scrapes through that Service; enable both or neither" }}
+{{- end }}
+{{- if and .Values.head.avoidSpotNodes (dig "nodeAffinity" "requiredDuringSchedulingIgnoredDuringExecution" "" .Values.head.affinity) }}
+{{- fail "head.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution cannot be set while head.avoidSpotNodes is true (the chart sets it to keep the head off spot nodes): use head.nodeSelector, a preferred nodeAffinity, or head.avoidSpotNodes=false" }}
 {{- end }}
 {{- end }}
