@@ -1,0 +1,64 @@
+"""The elastic GPU pool on a real local Ray cluster: it grows while work queues and shrinks when idle."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from headshots import client
+from headshots.manifest import BatchManifest, PersonSpec
+from tests.integration.conftest import TEST_CONSENT
+from tests.integration.ray_actors import remove_named_actors, wait_for
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo" / "photos"
+
+
+@pytest.fixture(scope="module")
+def elastic_config(base_config):
+    return base_config.replace(workers=dataclasses.replace(
+        base_config.workers, autoscale=True, gpu_workers=2, min_gpu_workers=1, scale_down_idle_s=2))
+
+
+def _requested_gpu_bundles(ray) -> int | None:
+    """What the pool last asked the autoscaler for (Ray keeps the standing request in its KV store)."""
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(b"autoscaler_resource_request")
+    if not raw:
+        return None
+    payload = json.loads(raw)  # Ray 2.60 stores the bundle list itself
+    bundles = payload if isinstance(payload, list) else payload.get("bundles", [])
+    return sum(1 for bundle in bundles if bundle.get("GPU"))
+
+
+def test_the_pool_grows_while_work_queues_and_shrinks_when_idle(ray_cluster, elastic_config, store):
+    import ray
+
+    from cluster.actors import existing_gpu_workers, get_or_create_coordinator
+
+    namespace = elastic_config.ray.namespace
+    remove_named_actors(ray, namespace)
+    coordinator = get_or_create_coordinator(elastic_config, metrics_port=None)
+    wait_for(lambda: len(existing_gpu_workers(namespace)) == 1, 60, "the one minimum worker")
+
+    photos = sorted((EXAMPLES / "eileen-collins").iterdir())[:4]
+    manifest = BatchManifest(tenant="elastic-co", name="Elastic team", base_model="tiny", styles=["office"],
+                             images_per_style=1, consent=TEST_CONSENT,
+                             persons=[PersonSpec(f"p{i}", f"Person {i}", None, photos) for i in range(4)])
+    submitted = client.submit_batch(elastic_config, manifest, start=False)
+    ray.get(coordinator.submit.remote(submitted.tenant, submitted.batch_id))
+    # Four persons queue for one worker: the pool asks for a second GPU and starts a second worker.
+    wait_for(lambda: len(existing_gpu_workers(namespace)) == 2, 120, "the pool to grow to two workers")
+    assert _requested_gpu_bundles(ray) == 2
+    assert ray.get(coordinator.wait.remote(submitted.tenant, submitted.batch_id, 600)) == "done"
+    # The second worker served stages before the pool shrank again.
+    second = ray.get_actor("headshots-gpu-1", namespace=namespace)
+    assert ray.get(second.info.remote())["busy_s"] > 0
+
+    # Idle for scale_down_idle_s: back to the minimum, and the standing request shrinks with it.
+    wait_for(lambda: len(existing_gpu_workers(namespace)) == 1, 60, "the pool to shrink to one worker")
+    wait_for(lambda: _requested_gpu_bundles(ray) == 1, 30, "the autoscaler request to shrink")
+    remove_named_actors(ray, namespace)
