@@ -56,10 +56,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import itertools
 import json
 import os
 import platform
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -74,19 +76,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-import ray  # noqa: E402
+import ray
+from scheduler_sim import NaiveFifoPool, water_fill
 
-from cluster.actors import RayWorkerPool  # noqa: E402
-from cluster.coordinator import Coordinator  # noqa: E402
-from cluster.jobs import PersonJob, StageResult  # noqa: E402
-from cluster.scheduler import DEFAULT_AFFINITY_SLACK_S, DEFAULT_STAGE_PRIOR_S, FairScheduler  # noqa: E402
-from cluster.worker import GpuWorker, StaleJob, _forgets_person_key  # noqa: E402
-from headshots.config import Config  # noqa: E402
-from scheduler_sim import NaiveFifoPool, water_fill  # noqa: E402
-from storage import keys  # noqa: E402
-from storage.seaweed import start_embedded_s3  # noqa: E402
-from storage.state import BatchState, PersonState, PhotoRecord, StateStore  # noqa: E402
-from storage.store import ArtifactStore  # noqa: E402
+from cluster.actors import RayWorkerPool
+from cluster.coordinator import Coordinator
+from cluster.jobs import PersonJob, StageResult
+from cluster.scheduler import (
+    DEFAULT_AFFINITY_SLACK_S,
+    DEFAULT_STAGE_PRIOR_S,
+    FairScheduler,
+)
+from cluster.worker import GpuWorker, StaleJob, _forgets_person_key
+from headshots.config import Config
+from storage import keys
+from storage.seaweed import start_embedded_s3
+from storage.state import BatchState, PersonState, PhotoRecord, StateStore
+from storage.store import ArtifactStore
 
 TRAIN_S = 100.0  # GPU baseline (TOOLCHAIN.md): an 800-step LoRA fine-tune
 GENERATE_S = 26.0  # 40 images
@@ -135,7 +141,6 @@ class SimGpuWorker(GpuWorker):
             time.sleep(self._load_s)
             self._base_model = base_model
             self.pipeline_loads += 1
-        return None
 
     def _work(self, job: PersonJob, seconds: float) -> None:
         """Sleep ``seconds`` in steps, stopping like a real stage when revoked or fenced."""
@@ -286,10 +291,10 @@ class SimPool(RayWorkerPool):
                 tenant_quota={t: q * slots for t, q in config.workers.tenant_quota.items()},
                 stage_prior_s={stage: prior / scale for stage, prior in DEFAULT_STAGE_PRIOR_S.items()},
                 affinity_slack_s=DEFAULT_AFFINITY_SLACK_S / scale)
-            queued = lambda: sum(self.scheduler.queue_depth().values())  # noqa: E731
+            queued = lambda: sum(self.scheduler.queue_depth().values())
         else:
             self.scheduler = FifoScheduler()
-            queued = lambda: len(self.scheduler._requests)  # noqa: E731
+            queued = lambda: len(self.scheduler._requests)
         for worker_id in self._handles:
             self.scheduler.add_worker(worker_id)
         self.timer = SchedulerTimer(self.scheduler, queued)
@@ -514,7 +519,7 @@ def summarise(args, policy: str, pool: SimPool, outcome: dict, intervals: dict, 
     # Where idle GPU time went: before each worker's first stage, between stages, after its last.
     first_start = min(item[3] for item in flat)
     idle_ramp = sum(items[0][3] - t0 for items in intervals.values() if items)
-    idle_between = sum(b[3] - a[4] for items in intervals.values() for a, b in zip(items, items[1:]))
+    idle_between = sum(b[3] - a[4] for items in intervals.values() for a, b in itertools.pairwise(items))
     idle_tail = sum(end - items[-1][4] for items in intervals.values() if items)
     progress_s = sorted(d for _, d in outcome["progress_calls"])
 
@@ -532,7 +537,7 @@ def summarise(args, policy: str, pool: SimPool, outcome: dict, intervals: dict, 
         "gpu_busy_s": busy, "gpu_utilisation": busy / (gpus * wall),
         "steady_window_s": steady_to - steady_from, "steady_utilisation": steady_util,
         "ideal_wall_s": busy / gpus,
-        "model_switch_loads": sum(i[5] for i in flat),
+        "model_loads": sum(i[5] for i in flat),
         "gpu_tasks": gpu_tasks, "scheduler_submits": timer.tasks,
         "scheduler_calls": dict(timer.calls),
         "scheduler_per_task_us": sum(timer.seconds.values()) / max(1, timer.tasks) * 1e6,
@@ -579,7 +584,7 @@ def fair_share(flat: list[tuple], active: dict[tuple, tuple[float, float]], weig
     received = dict.fromkeys(TENANTS, 0.0)
     entitled = dict.fromkeys(TENANTS, 0.0)
     window = 0.0
-    for left, right in zip(cuts, cuts[1:]):
+    for left, right in itertools.pairwise(cuts):
         middle = (left + right) / 2
         counts = {tenant: sum(1 for (t, _), (start, end) in active.items() if t == tenant and start <= middle < end)
                   for tenant in TENANTS}
@@ -668,6 +673,7 @@ def main() -> int:
         if ray.is_initialized():
             ray.shutdown()
         server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
     medians = {policy: _medians(rows) for policy, rows in runs.items()}
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
@@ -704,7 +710,7 @@ def print_table(report: dict, args) -> None:
         ("  busy GPU-s / GPUs (the floor), s", "ideal_wall_s", ".2f"),
         ("GPU utilisation (goal ≥ 90%)", "gpu_utilisation", ".1%"),
         ("GPU utilisation, steady part", "steady_utilisation", ".1%"),
-        ("model switches (loads after the first)", "model_switch_loads", ".0f"),
+        ("base-model loads, first load per GPU included", "model_loads", ".0f"),
         ("scheduler calls per GPU task, µs (goal ≤ 5000)", "scheduler_per_task_us", ".1f"),
         ("  per decision median / p99, µs", None, None),
         ("  pool _dispatch per GPU task, µs", "pool_dispatch_per_task_us", ".1f"),
