@@ -418,6 +418,8 @@ class RetentionControllerActor(RetentionController):
 
 def _get_or_create_singleton(actor_class, name: str, config, metrics_port: int | None, *, max_concurrency: int):
     """A named, detached, forever-restarted actor of the stack (created on first use)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     namespace = config.ray.namespace
     try:
         return ray.get_actor(name, namespace=namespace)
@@ -425,6 +427,9 @@ def _get_or_create_singleton(actor_class, name: str, config, metrics_port: int |
         return ray.remote(actor_class).options(
             name=name, namespace=namespace, lifetime="detached", get_if_exists=True, num_cpus=0,
             max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES, max_concurrency=max_concurrency,
+            # On the node that creates it (the head: `headshots up` runs there), where the metrics
+            # Service points; soft, so a restart still finds a home if that node is gone.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
         ).remote(config, metrics_port, namespace)
 
 

@@ -100,6 +100,7 @@ class Coordinator:
         self._eta_series: set[tuple[str, str]] = set()
         self._queue_series: set[tuple[str, str]] = set()
         self._progress_written: dict[tuple[str, str], dict] = {}
+        self._batch_person_series: set[tuple[str, str, str]] = set()
 
     # --- public calls ----------------------------------------------------------------------------
 
@@ -317,6 +318,8 @@ class Coordinator:
             persons = await asyncio.to_thread(self.states.load_persons, batch)
             for person in persons:
                 self._persons[(tenant, batch_id, person.person_id)] = person
+            if persons:
+                self._mark_progress(persons[0])  # the batch (re)starts: a stall is measured from here
             self._update_person_gauge()
             for person in persons:
                 self._start_person(batch, person)
@@ -470,6 +473,10 @@ class Coordinator:
         if (tenant, batch_id) in self._eta_series:
             self.metrics.eta_seconds.remove(tenant, batch_id)
             self._eta_series.discard((tenant, batch_id))
+        try:
+            self.metrics.batch_last_progress_timestamp_seconds.remove(tenant, batch_id)
+        except KeyError:
+            pass  # no series: the batch made no progress in this process
         self._progress_written.pop((tenant, batch_id), None)
         self._update_person_gauge()
 
@@ -487,6 +494,9 @@ class Coordinator:
         if state == "done":
             person.error = None
         await self._save_person(person)
+        if person.is_final:
+            self.metrics.persons_finished_total.labels(state=state).inc()
+        self._mark_progress(person)
         self._update_person_gauge()
 
     async def _save_person(self, person: PersonState) -> None:
@@ -534,7 +544,7 @@ class Coordinator:
                 self.metrics.gpu_busy_ratio.labels(worker=worker_id).set(round(ratio, 4))
         if hasattr(pool, "worker_info"):
             for worker_id, info in (await pool.worker_info()).items():
-                for name in ("gpu_utilization_ratio", "gpu_memory_used_bytes"):
+                for name in ("gpu_utilization_ratio", "gpu_memory_used_bytes", "gpu_memory_total_bytes"):
                     gauge = getattr(self.metrics, name, None)
                     if gauge is not None and name in info:
                         gauge.labels(worker=worker_id).set(info[name])
@@ -561,11 +571,23 @@ class Coordinator:
 
     def _update_person_gauge(self) -> None:
         counts = dict.fromkeys(PERSON_STATES, 0)
-        for person in self._persons.values():
+        by_batch: dict[tuple[str, str, str], int] = {}
+        for (tenant, batch_id, _), person in self._persons.items():
             counts[person.state] += 1
+            series = (tenant, batch_id, person.state)
+            by_batch[series] = by_batch.get(series, 0) + 1
         for state, count in counts.items():
             self.metrics.persons.labels(state=state).set(count)
         self.metrics.persons_needing_photos.set(counts["needs_photos"])
+        for series in self._batch_person_series - set(by_batch):
+            self.metrics.batch_persons.remove(*series)
+        for (tenant, batch_id, state), count in by_batch.items():
+            self.metrics.batch_persons.labels(tenant=tenant, batch=batch_id, state=state).set(count)
+        self._batch_person_series = set(by_batch)
+
+    def _mark_progress(self, person: PersonState) -> None:
+        self.metrics.batch_last_progress_timestamp_seconds.labels(
+            tenant=person.tenant, batch=person.batch_id).set(time.time())
 
 
 def index_processed_person(store: ArtifactStore, policy, person: PersonState) -> None:

@@ -399,8 +399,9 @@ def _gpu_figures(device: str) -> dict:
         return {}
     import torch
 
-    figures = {"gpu_memory_used_bytes": torch.cuda.memory_allocated(),
-               "gpu_memory_reserved_bytes": torch.cuda.memory_reserved()}
+    # The device's own figures (every process on it), not just this process's allocator.
+    free_bytes, total_bytes = torch.cuda.mem_get_info()
+    figures = {"gpu_memory_used_bytes": total_bytes - free_bytes, "gpu_memory_total_bytes": total_bytes}
     try:
         figures["gpu_utilization_ratio"] = torch.cuda.utilization() / 100.0  # needs NVML (pynvml)
     except Exception:  # no NVML on this node: memory figures only

@@ -247,9 +247,14 @@ class MetricsConfig:
     host: str = "127.0.0.1"
     # 0: pick a free port when the stack starts (recorded in $HEADSHOTS_HOME/stack.json).
     port: int = 0
+    # The retention controller's own /metrics (it runs apart from the coordinator); 0: a free port.
+    retention_port: int = 0
 
     def __post_init__(self) -> None:
         _require_range("metrics.port", self.port, 0, 65535)
+        _require_range("metrics.retention_port", self.retention_port, 0, 65535)
+        if self.port and self.port == self.retention_port:
+            raise ConfigError(f"metrics.port and metrics.retention_port must differ but both are {self.port}")
 
 
 @dataclass(frozen=True)

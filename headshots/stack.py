@@ -224,7 +224,7 @@ def up(config: Config) -> StackInfo:
     coordinator = get_or_create_coordinator(resolved, metrics_port=metrics_port)
     info.metrics_port = ray.get(coordinator.ping.remote())["metrics_port"] or metrics_port
     # The retention controller sweeps once as it starts, so time the stack was down is never skipped.
-    retention_port = info.retention_metrics_port or _free_port()
+    retention_port = info.retention_metrics_port or config.metrics.retention_port or _free_port()
     controller = get_or_create_retention_controller(resolved, metrics_port=retention_port)
     info.retention_metrics_port = ray.get(controller.ping.remote())["metrics_port"] or retention_port
     info.started_at = info.started_at or time.time()

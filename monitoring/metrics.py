@@ -45,12 +45,13 @@ class PipelineMetrics:
     gpu_memory_total_bytes: Gauge
     batch_persons: Gauge
     batch_last_progress_timestamp_seconds: Gauge
+    persons_finished_total: Counter
 
 
 def create_pipeline_metrics(registry: CollectorRegistry) -> PipelineMetrics:
     """Register the batch-pipeline metrics on ``registry``."""
     return PipelineMetrics(
-        persons=Gauge("headshots_persons", "Persons in batches this coordinator tracks, by state.",
+        persons=Gauge("headshots_persons", "Persons of the batches in flight, by state.",
                       ["state"], registry=registry),
         stage_duration_seconds=Histogram(
             "headshots_stage_duration_seconds", "Wall time of one person's stage.", ["stage"],
@@ -112,6 +113,11 @@ def create_pipeline_metrics(registry: CollectorRegistry) -> PipelineMetrics:
             "batch_last_progress_timestamp_seconds",
             "Unix time a running batch last made progress (a person changed state or a stage finished).",
             ["tenant", "batch"], registry=registry),
+        # headshots_persons counts persons of batches in flight (finished batches leave memory); this
+        # counts every person reaching a final state, for rates and totals.
+        persons_finished_total=Counter("headshots_persons_finished_total",
+                                       "Persons that reached a final state, by that state.", ["state"],
+                                       registry=registry),
     )
 
 

@@ -143,7 +143,9 @@ def test_metrics_endpoint_reports_the_demo(demo, stack_home):
 
     env = json.loads(run_cli(stack_home, "env", "--json").stdout)
     text = urllib.request.urlopen(env["metrics_url"], timeout=10).read().decode()
-    done = [line for line in text.splitlines() if line.startswith('headshots_persons{state="done"}')]
+    # The gauge counts batches in flight (a finished batch leaves the coordinator's memory); the
+    # counter keeps the total.
+    done = [line for line in text.splitlines() if line.startswith('headshots_persons_finished_total{state="done"}')]
     assert done and float(done[0].split()[-1]) >= len(DEMO_PERSONS)
     assert "headshots_images_generated_total" in text and "headshots_stage_duration_seconds_bucket" in text
 
