@@ -177,6 +177,9 @@ class RayWorkerPool:
     def eta_person_seconds(self, tenant: str, batch_id: str, person_id: str) -> float | None:
         return self.scheduler.eta_person_seconds(tenant, batch_id, person_id)
 
+    def eta_persons_seconds(self, tenant: str, batch_id: str) -> dict[str, float]:
+        return self.scheduler.eta_persons_seconds(tenant, batch_id)
+
     def queue_depth(self) -> dict[tuple[str, str], int]:
         return self.scheduler.queue_depth()
 

@@ -35,7 +35,7 @@ from cluster.jobs import PersonJob, StageResult, WorkerLost
 from monitoring.metrics import PERSON_STATES, create_pipeline_metrics, serve_metrics
 from storage import keys
 from storage.retention import file_person, load_policy, parse_time
-from storage.state import BatchState, HeadshotRecord, PersonState, StateStore
+from storage.state import BatchState, HeadshotRecord, PersonState, StateConflict, StateStore
 from storage.store import ArtifactStore, ObjectExists, StoredObject, utc_now_iso
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,12 @@ logger = logging.getLogger(__name__)
 MONITOR_INTERVAL_S = 5.0
 # Most images `headshots more` adds per style in one call.
 MORE_MAX_IMAGES = 64
+# A person whose state keeps being changed under the coordinator is left to the other writer after this
+# many conflicts (something is wrong; the person stays as that writer left it).
+MAX_STATE_CONFLICTS = 5
+# Threads for blocking store calls: state writes of a large batch come in bursts, and the event loop's
+# default pool (cores + 4) would queue every person's next transition behind the whole burst.
+STORE_THREADS = 32
 NEXT_STATE = {"queued": "ingesting", "ingesting": "training", "training": "generating",
               "generating": "packaging", "packaging": "done"}
 RETRYABLE_STATES = ("needs_photos", "failed", "cancelled")
@@ -65,6 +71,11 @@ class WorkerPool(Protocol):
 
 class PermanentStageError(Exception):
     """A stage failed in a way a retry cannot fix (bad input, not a crashed worker)."""
+
+
+class StateSuperseded(Exception):
+    """Another writer changed the person's state since the coordinator read it: the coordinator's run
+    of that person yields (its compare-and-swap write lost) and carries on from the stored document."""
 
 
 class Coordinator:
@@ -116,6 +127,10 @@ class Coordinator:
         await asyncio.shield(self._started)
 
     async def _start_once(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store"))
         self.epoch = await asyncio.to_thread(claim_epoch, self.store)
         self.metrics.coordinator_epoch.set(self.epoch)
         fenced = await self.pool.fence(self.epoch)
@@ -155,7 +170,10 @@ class Coordinator:
             # Not ours, already final (its state may be a tombstone by now), or being deleted.
             return
         if self._add_objects(person, [StoredObject.from_json(o) for o in objects]):
-            await self._save_person(person)
+            try:
+                await self._save_person(person)
+            except StateSuperseded:
+                pass  # the person's run notices at its next save and adopts the stored document
 
     async def stop_persons(self, persons: list[dict[str, str]], timeout_s: float = 45.0) -> dict[str, Any]:
         """Stop these persons for deletion: no stage of theirs runs or writes anything after this returns.
@@ -279,13 +297,15 @@ class Coordinator:
     def progress(self, tenant: str, batch_id: str) -> dict[str, Any]:
         """The batch's live progress: persons by state, and ETAs (seconds) per person and for the batch."""
         persons = {k[2]: p for k, p in self._persons.items() if k[:2] == (tenant, batch_id)}
-        person_eta = getattr(self.pool, "eta_person_seconds", None)
+        # One pass over the schedule for the whole batch (it runs on the event loop every few seconds).
+        all_etas = getattr(self.pool, "eta_persons_seconds", None)
+        pending = all_etas(tenant, batch_id) if all_etas else {}
         etas = {}
         for person_id, person in persons.items():
             if person.is_final:
                 etas[person_id] = 0.0
-            elif person_eta is not None and (value := person_eta(tenant, batch_id, person_id)) is not None:
-                etas[person_id] = round(value, 1)
+            elif person_id in pending:
+                etas[person_id] = round(pending[person_id], 1)
         counts: dict[str, int] = {}
         for person in persons.values():
             counts[person.state] = counts.get(person.state, 0) + 1
@@ -340,6 +360,29 @@ class Coordinator:
         return task
 
     async def _run_person(self, batch: BatchState, person: PersonState) -> None:
+        try:
+            await self._drive_person(batch, person)
+        except StateSuperseded:
+            await self._adopt_stored(batch, person)
+
+    async def _adopt_stored(self, batch: BatchState, person: PersonState) -> None:
+        """Our write lost to another writer's: carry on from what that writer stored (plus the object
+        versions we recorded meanwhile, which are facts either way), unless it ended the person."""
+        key = (person.tenant, person.batch_id, person.person_id)
+        stored = await asyncio.to_thread(self.states.load_person, *key)
+        conflicts = person.attempts.get("state_conflicts", 0) + 1
+        logger.warning("state of %s was changed by another writer (now %s); conflict %d", person.ref.prefix,
+                       stored.state, conflicts)
+        if stored.is_final or key in self._stopped or conflicts > MAX_STATE_CONFLICTS:
+            if key in self._persons:
+                self._persons[key] = stored
+            self._update_person_gauge()
+            return
+        self._add_objects(stored, person.objects)
+        stored.attempts["state_conflicts"] = conflicts
+        self._start_person(batch, stored)
+
+    async def _drive_person(self, batch: BatchState, person: PersonState) -> None:
         key = (person.tenant, person.batch_id, person.person_id)
         limits = self.config.workers
         while not person.is_final and key not in self._stopped:
@@ -358,6 +401,8 @@ class Coordinator:
                 self.metrics.stage_duration_seconds.labels(stage=stage).observe(elapsed)
                 await self._transition(person, next_state)
             except Exception as error:
+                if isinstance(error, StateSuperseded):
+                    raise
                 if key in self._stopped:
                     return  # deleted mid-stage: the worker refused to go on, as asked
                 cause = _root_cause(error)
@@ -456,7 +501,14 @@ class Coordinator:
                       "timings_s": p.timings_s, "flags": p.flags} for p in persons])
         batch.state = "done"
         batch.finished_at = utc_now_iso()
-        await asyncio.to_thread(self.states.save_batch, batch)
+        try:
+            await asyncio.to_thread(self.states.save_batch, batch)
+        except StateConflict:
+            # Cancelled or retried while it was packaged: that writer's word stands; a retried person
+            # finishes the batch again when it is done.
+            logger.info("batch %s/%s changed while finishing; left as the other writer set it",
+                        batch.tenant, batch.batch_id)
+            return
         await self._write_progress(batch.tenant, batch.batch_id, final=True)
         self._forget_batch(batch.tenant, batch.batch_id)
         logger.info("batch %s/%s done", batch.tenant, batch.batch_id)
@@ -507,7 +559,14 @@ class Coordinator:
                 return  # the deletion owns this person's state now
             # Snapshot inside the lock so two saves can never land out of order.
             snapshot = PersonState.from_json(person.to_json())
-            await asyncio.to_thread(self.states.save_person, snapshot)
+            snapshot.etag = person.etag
+            try:
+                # Compare-and-swap on the version we last read or wrote: a deletion's tombstone, an
+                # operator's cancel or a stale coordinator's write in between makes ours lose.
+                await asyncio.to_thread(self.states.save_person, snapshot)
+            except StateConflict:
+                raise StateSuperseded(person.ref.prefix) from None
+            person.etag = snapshot.etag
 
     def _add_objects(self, person: PersonState, objects: list[StoredObject]) -> bool:
         known = {(o.bucket, o.key, o.version_id) for o in person.objects}

@@ -471,6 +471,13 @@ class FairScheduler:
         finishes = self._person_finishes(tenant)
         return None if finishes is None else finishes.get((batch_id, person_id))
 
+    def eta_persons_seconds(self, tenant: str, batch_id: str) -> dict[str, float]:
+        """Every person of the batch with queued or running GPU work → seconds until its GPU stages are
+        done; one pass over the tenant's schedule (asking :meth:`eta_person_seconds` per person would
+        recompute it for each)."""
+        finishes = self._person_finishes(tenant) or {}
+        return {person: finish for (batch, person), finish in finishes.items() if batch == batch_id}
+
     def queue_depth(self) -> dict[tuple[str, str], int]:
         """Queued (not running) tasks per (tenant, stage); pairs with none are left out."""
         return {key: count for key, count in self._depth.items() if count}

@@ -21,13 +21,19 @@ from storage.state import BatchState, PersonState, PhotoRecord, StateStore
 class ScriptedPool:
     """Runs stages instantly; ``failures[(person_id, stage)]`` lists exceptions to raise first, in order."""
 
-    def __init__(self, failures: dict[tuple[str, str], list[BaseException]] | None = None):
+    def __init__(self, failures: dict[tuple[str, str], list[BaseException]] | None = None,
+                 during: dict[tuple[str, str], Any] | None = None):
         self.failures = {key: list(errors) for key, errors in (failures or {}).items()}
+        # (person_id, stage) -> a callable run (in a thread) the first time that stage runs.
+        self.during = dict(during or {})
         self.calls: list[tuple[str, str, int]] = []
         self.fenced: list[int] = []
 
     async def _stage(self, stage: str, job: PersonJob, **details: Any) -> StageResult:
         self.calls.append((job.person_id, stage, job.epoch))
+        action = self.during.pop((job.person_id, stage), None)
+        if action is not None:
+            await asyncio.to_thread(action)
         pending = self.failures.get((job.person_id, stage))
         if pending:
             raise pending.pop(0)
@@ -61,8 +67,8 @@ class ScriptedPool:
         self.fenced.append(epoch)
         return [{"worker_id": "scripted", "epoch": epoch, "drained": True}]
 
-    def eta_person_seconds(self, tenant, batch_id, person_id):
-        return 12.5
+    def eta_persons_seconds(self, tenant, batch_id):
+        return {}  # nothing queued on GPUs in this pool
 
     def eta_seconds(self, tenant, batch_id):
         return 30.0
@@ -197,3 +203,32 @@ def test_more_headshots_refuse_once_the_model_is_not_retained(config, store, ten
     with pytest.raises(ValueError, match="model is no longer retained .* submit the person again"):
         asyncio.run(ask())
     assert states.load_person(tenant, "b1", "gone").state == "done"  # nothing changed
+
+
+def test_a_state_write_by_another_writer_wins_over_the_coordinator(config, store, tenant):
+    """Compare-and-swap: while the coordinator trains two persons, an operator cancels one and another
+    writer flags the other. The cancel stands (the coordinator must not overwrite it with "done"); the
+    flag survives (the coordinator carries on from the stored document instead of its own copy)."""
+    _batch(store, tenant, ["cancelled", "flagged"])
+    states = StateStore(store)
+
+    def cancel_behind_the_coordinators_back():
+        person = states.load_person(tenant, "b1", "cancelled")
+        person.state, person.error = "cancelled", "cancelled by an operator"
+        states.save_person(person)
+
+    def flag_behind_the_coordinators_back():
+        person = states.load_person(tenant, "b1", "flagged")
+        person.flags = ["checked by a human"]
+        states.save_person(person)
+
+    pool = ScriptedPool(during={("cancelled", "train"): cancel_behind_the_coordinators_back,
+                                ("flagged", "train"): flag_behind_the_coordinators_back})
+    final, _ = _run(config, pool, tenant)
+    assert final == "done"
+    cancelled = states.load_person(tenant, "b1", "cancelled")
+    flagged = states.load_person(tenant, "b1", "flagged")
+    assert cancelled.state == "cancelled" and cancelled.error == "cancelled by an operator"
+    assert not any(call[:2] == ("cancelled", "generate") for call in pool.calls)
+    assert flagged.state == "done" and flagged.flags == ["checked by a human"]
+    assert flagged.attempts.get("state_conflicts") == 1

@@ -463,6 +463,11 @@ def test_eta_of_a_person_and_with_another_tenant_sharing():
     assert alone == pytest.approx(252.0) and shared == pytest.approx(504.0)
     assert scheduler.eta_person_seconds("a", "a1", "p0000") == pytest.approx(126.0)
     assert scheduler.eta_person_seconds("a", "a1", "missing") is None
+    # The whole batch in one pass agrees with asking person by person.
+    every = scheduler.eta_persons_seconds("a", "a1")
+    assert len(every) == 8 and every == {
+        person: scheduler.eta_person_seconds("a", "a1", person) for person in every}
+    assert max(every.values()) == pytest.approx(shared)
 
 
 def test_busy_ratio_over_a_window():
