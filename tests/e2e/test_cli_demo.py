@@ -116,7 +116,7 @@ def test_status_json_shapes(demo, stack_home):
     listing = json.loads(run_cli(stack_home, "status", "--json").stdout)
     assert any(row["batch_id"] == demo["batch_id"] for row in listing)
     status = json.loads(run_cli(stack_home, "status", demo["batch_id"], "--json").stdout)
-    assert set(status) == {"tenant", "batch_id", "state", "persons"}
+    assert set(status) == {"tenant", "batch_id", "state", "eta_seconds", "persons"}
     assert status["state"] == "done"
     for person in status["persons"]:
         assert set(person) >= {"person_id", "state", "stage", "headshots", "error"}
@@ -179,3 +179,47 @@ def test_operator_fixes_refuse_clearly_on_a_finished_batch(demo, stack_home):
     assert cancel["cancelled"] == []  # every person is final already: nothing to cancel
     status = json.loads(run_cli(stack_home, "status", demo["batch_id"], "--json").stdout)
     assert status["state"] == "done"
+
+
+def test_status_shows_etas_and_fair_progress_for_two_concurrent_batches(demo, stack_home, tmp_path):
+    """A studio submits six persons, a company two a moment later: `status` lists both running with their
+    progress and an ETA, and the small batch finishes first (first come, first served would finish the
+    studio's batch first)."""
+    import time
+
+    photos = REPO / "examples" / "demo" / "photos"
+
+    def manifest(tenant: str, count: int) -> Path:
+        path = tmp_path / f"{tenant}.yaml"
+        persons = "\n".join(f"  - name: Person {index}\n    photos: [{photos / ('grace-hopper', 'eileen-collins')[index % 2]}/]"
+                            for index in range(count))
+        path.write_text(f"tenant: {tenant}\nbatch: {tenant} team\nbase_model: tiny\nstyles: [office]\n"
+                        f"images_per_style: 1\nconsent:\n  collected_by: test-suite\n  given_at: 2026-11-20\n"
+                        f"persons:\n{persons}\n")
+        return path
+
+    studio = json.loads(run_cli(stack_home, "submit", str(manifest("studio", 6)), "--json").stdout)
+    corp = json.loads(run_cli(stack_home, "submit", str(manifest("corp", 2)), "--json").stdout)
+    seen_both_with_eta = False
+    finished: dict[str, float] = {}
+    text_with_eta = ""
+    deadline = time.monotonic() + 600
+    while len(finished) < 2:
+        assert time.monotonic() < deadline, "the two batches did not finish"
+        rows = {row["batch_id"]: row for row in json.loads(run_cli(stack_home, "status", "--json").stdout)}
+        for name, submitted in (("studio", studio), ("corp", corp)):
+            row = rows[submitted["batch_id"]]
+            if row["state"] != "running" and name not in finished:
+                finished[name] = time.monotonic()
+        running = [rows[b["batch_id"]] for b in (studio, corp) if rows[b["batch_id"]]["state"] == "running"]
+        if len(running) == 2 and all(row["eta_seconds"] is not None and row["persons_by_state"] for row in running):
+            seen_both_with_eta = True
+            text_with_eta = run_cli(stack_home, "status").stdout
+        time.sleep(1.0)
+    assert seen_both_with_eta, "status never showed both batches running with progress and an ETA"
+    assert "ETA" in text_with_eta and studio["batch_id"] in text_with_eta and corp["batch_id"] in text_with_eta
+    assert finished["corp"] < finished["studio"]
+    for submitted in (studio, corp):
+        status = json.loads(run_cli(stack_home, "status", submitted["batch_id"], "--json").stdout)
+        assert status["state"] == "done" and status["eta_seconds"] is None
+        assert {p["state"] for p in status["persons"]} == {"done"}
