@@ -77,6 +77,10 @@ class GpuWorkerActor(GpuWorker):
             except Exception:
                 pass
 
+    def info(self) -> dict:
+        # The GPU ids Ray assigned: workers sharing a GPU (workers.slots_per_gpu > 1) report the same one.
+        return {**super().info(), "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()]}
+
     def _report(self, job: PersonJob, objects) -> None:
         try:
             if self._coordinator is None:

@@ -62,3 +62,20 @@ def test_the_pool_grows_while_work_queues_and_shrinks_when_idle(ray_cluster, ela
     wait_for(lambda: len(existing_gpu_workers(namespace)) == 1, 60, "the pool to shrink to one worker")
     wait_for(lambda: _requested_gpu_bundles(ray) == 1, 30, "the autoscaler request to shrink")
     remove_named_actors(ray, namespace)
+
+
+def test_two_slots_per_gpu_pack_two_workers_onto_one_gpu(ray_cluster, base_config, store):
+    import ray
+
+    from cluster.actors import start_gpu_workers
+
+    config = base_config.replace(workers=dataclasses.replace(base_config.workers, gpu_workers=1, slots_per_gpu=2))
+    namespace = config.ray.namespace
+    remove_named_actors(ray, namespace)
+    workers = start_gpu_workers(config, namespace=namespace)
+    infos = ray.get([worker.info.remote() for worker in workers], timeout=120)
+    assert [info["worker_id"] for info in infos] == ["gpu-0", "gpu-1"]
+    # Both run at once on the same (fake) GPU, each holding half of it.
+    assert len({info["pid"] for info in infos}) == 2
+    assert infos[0]["gpu_ids"] == infos[1]["gpu_ids"] and len(infos[0]["gpu_ids"]) == 1
+    remove_named_actors(ray, namespace)
