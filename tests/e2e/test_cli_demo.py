@@ -223,3 +223,27 @@ def test_status_shows_etas_and_fair_progress_for_two_concurrent_batches(demo, st
         status = json.loads(run_cli(stack_home, "status", submitted["batch_id"], "--json").stdout)
         assert status["state"] == "done" and status["eta_seconds"] is None
         assert {p["state"] for p in status["persons"]} == {"done"}
+
+
+def test_more_adds_headshots_from_the_stored_model(demo, stack_home, tmp_path):
+    import time
+
+    person = demo["persons"][0]["person_id"]
+    common = ["--tenant", demo["tenant"], "--batch", demo["batch_id"], "--person", person]
+    bad = run_cli(stack_home, "more", *common, "--style", "beach", "--count", "1", check=False)
+    assert bad.returncode == 2 and "style 'beach' is not one of batch" in bad.stderr
+    started = json.loads(run_cli(stack_home, "more", *common, "--style", "office", "--count", "1", "--json").stdout)
+    assert started["added_per_style"] == {"office": 1}
+    deadline = time.monotonic() + 300
+    while True:
+        status = json.loads(run_cli(stack_home, "status", demo["batch_id"], "--json").stdout)
+        if status["state"] == "done":
+            break
+        assert time.monotonic() < deadline, "the batch did not finish the extra headshot"
+        time.sleep(1.0)
+    headshots = {p["person_id"]: p["headshots"] for p in status["persons"]}
+    assert headshots[person] == len(STYLES) * IMAGES_PER_STYLE + 1
+    downloaded = json.loads(run_cli(stack_home, "download", demo["batch_id"], "-o", str(tmp_path / "out"),
+                                    "--json").stdout)
+    assert len(list((tmp_path / "out" / person / "office").glob("*.png"))) == IMAGES_PER_STYLE + 1
+    assert downloaded["files"]
