@@ -122,7 +122,9 @@ class Coordinator:
                 "running": [f"{t}/{b}" for (t, b), task in self._batches.items() if not task.done()]}
 
     async def _ensure_started(self) -> None:
-        if self._started is None:
+        failed = self._started is not None and self._started.done() and self._started.exception() is not None
+        if self._started is None or failed:
+            # A start that failed (the store unreachable past its tolerance) is tried again by the next call.
             self._started = asyncio.get_running_loop().create_task(self._start_once())
         await asyncio.shield(self._started)
 
