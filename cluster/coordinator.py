@@ -447,11 +447,12 @@ class Coordinator:
                         priority=batch.priority, queue_position=_queue_position(batch, person.person_id),
                         epoch=self.epoch, extra_by_style=tuple(sorted(person.extra_images.items())))
         if stage == "ingest":
-            # Photos turned away at the edge (unreadable, wrong format) count as checks too.
+            result = await self.pool.ingest(job)
+            # Counted once the ingest succeeded, so a retried ingest does not count photos twice. Photos
+            # turned away at the edge (unreadable, wrong format) count as checks too.
             for photo in person.photos:
                 if not photo.accepted and photo.reason:
                     self.metrics.upload_checks_total.labels(result="rejected", reason=photo.reason).inc()
-            result = await self.pool.ingest(job)
             self._add_objects(person, result.objects)
             for check in result.details.get("checks", []):
                 self.metrics.upload_checks_total.labels(
