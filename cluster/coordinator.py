@@ -32,7 +32,9 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from cluster.jobs import PersonJob, StageResult, WorkerLost
-from monitoring.metrics import PERSON_STATES, create_pipeline_metrics, serve_metrics
+from cluster.webhooks import (PERSON_EVENT_STATES, WebhookDispatcher, batch_completed_event, person_event,
+                              submitted_person_events)
+from monitoring.metrics import PERSON_STATES, create_pipeline_metrics, create_webhook_metrics, serve_metrics
 from storage import keys
 from storage.retention import file_person, load_policy, parse_time
 from storage.state import BatchState, HeadshotRecord, PersonState, StateConflict, StateStore
@@ -112,6 +114,9 @@ class Coordinator:
         self._queue_series: set[tuple[str, str]] = set()
         self._progress_written: dict[tuple[str, str], dict] = {}
         self._batch_person_series: set[tuple[str, str, str]] = set()
+        # Batch webhooks, delivered from threads of their own: emit() only queues (cluster/webhooks.py).
+        self.webhooks = WebhookDispatcher(self.store, config.webhooks, source="coordinator",
+                                          metrics=create_webhook_metrics(self.registry))
 
     # --- public calls ----------------------------------------------------------------------------
 
@@ -135,6 +140,7 @@ class Coordinator:
             ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store"))
         self.epoch = await asyncio.to_thread(claim_epoch, self.store)
         self.metrics.coordinator_epoch.set(self.epoch)
+        self.webhooks.start()  # picks up deliveries a previous coordinator left pending
         fenced = await self.pool.fence(self.epoch)
         stale = [f for f in fenced if isinstance(f, dict) and not f.get("drained", True)]
         if stale:
@@ -154,6 +160,7 @@ class Coordinator:
         await self._ensure_started()
         self.metrics.batches_submitted_total.inc()
         self._launch(tenant, batch_id)
+        self.webhooks.emit_from(lambda: submitted_person_events(self.store, tenant, batch_id))
         return {"tenant": tenant, "batch_id": batch_id}
 
     async def wait(self, tenant: str, batch_id: str, timeout_s: float | None = None) -> str:
@@ -512,6 +519,7 @@ class Coordinator:
             logger.info("batch %s/%s changed while finishing; left as the other writer set it",
                         batch.tenant, batch.batch_id)
             return
+        self.webhooks.emit(batch_completed_event(batch, _count_states(persons)), batch.webhooks)
         await self._write_progress(batch.tenant, batch.batch_id, final=True)
         self._forget_batch(batch.tenant, batch.batch_id)
         logger.info("batch %s/%s done", batch.tenant, batch.batch_id)
@@ -551,6 +559,8 @@ class Coordinator:
         await self._save_person(person)
         if person.is_final:
             self.metrics.persons_finished_total.labels(state=state).inc()
+        if state in PERSON_EVENT_STATES:
+            self.webhooks.emit(person_event(person))
         self._mark_progress(person)
         self._update_person_gauge()
 
@@ -680,6 +690,13 @@ def claim_epoch(store: ArtifactStore) -> int:
 def _queue_position(batch: BatchState, person_id: str) -> float:
     """A person's place in line: when the batch was submitted, then roster order (stable across restarts)."""
     return parse_time(batch.created_at).timestamp() + batch.person_ids.index(person_id) * 0.001
+
+
+def _count_states(persons: list[PersonState]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for person in persons:
+        counts[person.state] = counts.get(person.state, 0) + 1
+    return counts
 
 
 def _root_cause(error: BaseException) -> BaseException:

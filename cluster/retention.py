@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry
 
-from monitoring.metrics import create_retention_metrics, serve_metrics
+from cluster.webhooks import WebhookDispatcher, deletion_events
+from monitoring.metrics import create_retention_metrics, create_webhook_metrics, serve_metrics
 from storage import keys
 from storage.retention import RetentionPolicy, load_policy, parse_time
 from storage.store import ArtifactStore
@@ -65,11 +66,15 @@ class RetentionController:
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self.last_sweep: dict[str, Any] | None = None
+        # `deletion.completed` webhooks, delivered from threads of their own (cluster/webhooks.py).
+        self.webhooks = WebhookDispatcher(self.store, config.webhooks, source="retention",
+                                          metrics=create_webhook_metrics(self.registry))
 
     # --- timer ------------------------------------------------------------------------------------
 
     def start(self) -> dict[str, Any]:
         """Sweep once now, then keep sweeping every ``sweep_interval_s`` in a background thread."""
+        self.webhooks.start()  # picks up deliveries a previous controller left pending
         if self._loop is None:
             self._loop = threading.Thread(target=self._run_forever, name="retention-sweeps", daemon=True)
             self._loop.start()
@@ -85,6 +90,7 @@ class RetentionController:
 
     def stop(self) -> None:
         self._stop.set()
+        self.webhooks.stop()
 
     # --- calls ------------------------------------------------------------------------------------
 
@@ -102,6 +108,8 @@ class RetentionController:
             self._update_overdue(as_of)
         summary = result.to_json()
         if not dry_run:
+            for event in deletion_events(result.receipt):
+                self.webhooks.emit(event)
             self.last_sweep = summary
             logger.info("retention sweep %s: %d versions of %d persons deleted", summary["receipt_id"],
                         summary["objects"], summary["persons"])
@@ -135,6 +143,8 @@ class RetentionController:
             with self._pending_lock:
                 del self._pending_requests[id(request_token)]
         seconds = time.perf_counter() - started
+        for event in deletion_events(receipt):
+            self.webhooks.emit(event)
         self.metrics.deletion_requests_total.labels(status="succeeded").inc()
         self.metrics.deletion_request_duration_seconds.observe(seconds)
         summary = receipt.summary()

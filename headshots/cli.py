@@ -165,6 +165,43 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--json", action="store_true")
     sweep.set_defaults(handler=cmd_retention_sweep)
 
+    serve = commands.add_parser("serve", help="serve the studios' HTTP API (/v1, OpenAPI at /openapi.json)")
+    serve.add_argument("--host", help="address to listen on (default: api.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: api.port, 8080; 0 picks a free one)")
+    serve.set_defaults(handler=cmd_serve)
+
+    tenants = commands.add_parser("tenants", help="tenants of the HTTP API and their API keys")
+    tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True)
+    tenant_create = tenant_commands.add_parser("create", help="create a tenant; prints its API key once")
+    tenant_create.add_argument("name", help="display name (the tenant id is its slug unless --id)")
+    tenant_create.add_argument("--id", dest="tenant_id", help="tenant id (lowercase letters, digits, '-')")
+    tenant_create.add_argument("--rate-limit", type=float, help="requests per second (default: api.default_rate_limit_per_s)")
+    tenant_create.add_argument("--max-concurrent-batches", type=int,
+                               help="batches created or running at once (default: api.default_max_concurrent_batches)")
+    tenant_create.add_argument("--json", action="store_true", help="print {tenant, api_key, webhook_secret}")
+    tenant_create.set_defaults(handler=cmd_tenants_create)
+    tenant_list = tenant_commands.add_parser("list", help="tenants, their limits and key ids (never keys)")
+    tenant_list.add_argument("--json", action="store_true")
+    tenant_list.set_defaults(handler=cmd_tenants_list)
+    tenant_add_key = tenant_commands.add_parser("add-key", help="another API key for a tenant (to rotate keys)")
+    tenant_add_key.add_argument("tenant")
+    tenant_add_key.add_argument("--json", action="store_true")
+    tenant_add_key.set_defaults(handler=cmd_tenants_add_key)
+    tenant_revoke = tenant_commands.add_parser("revoke", help="revoke an API key (tenant or admin) by its id")
+    tenant_revoke.add_argument("key_id")
+    tenant_revoke.add_argument("--json", action="store_true")
+    tenant_revoke.set_defaults(handler=cmd_tenants_revoke)
+    tenant_limits = tenant_commands.add_parser("limits", help="change a tenant's rate limit or batch limit")
+    tenant_limits.add_argument("tenant")
+    tenant_limits.add_argument("--rate-limit", type=float)
+    tenant_limits.add_argument("--max-concurrent-batches", type=int)
+    tenant_limits.add_argument("--json", action="store_true")
+    tenant_limits.set_defaults(handler=cmd_tenants_limits)
+    tenant_admin = tenant_commands.add_parser("create-admin-key",
+                                              help="an operator key that acts on any tenant (X-Headshots-Tenant)")
+    tenant_admin.add_argument("--json", action="store_true")
+    tenant_admin.set_defaults(handler=cmd_tenants_create_admin_key)
+
     demo = commands.add_parser("demo", help="run the example batch end to end on the local stack")
     demo.add_argument("--manifest", default=str(DEMO_MANIFEST))
     demo.add_argument("-o", "--output", default="headshots-demo-output")
@@ -330,24 +367,18 @@ def cmd_demo(args, config) -> int:
 
 def _call(handle, method: str, *call_args):
     """Call a stack actor; a ValueError it raises is the operator's input problem (exit 2)."""
-    import ray
+    from headshots.operations import OperationRefused, call_actor
 
     try:
-        return ray.get(getattr(handle, method).remote(*call_args))
-    except ray.exceptions.RayTaskError as error:
-        if isinstance(getattr(error, "cause", None), ValueError):
-            raise UsageError(str(error.cause)) from None
-        raise
+        return call_actor(handle, method, *call_args)
+    except OperationRefused as error:
+        raise UsageError(str(error)) from None
 
 
 def _coordinator_call(resolved, method: str, *call_args):
-    from cluster.actors import get_or_create_coordinator
-    from headshots.stack import connect_ray, load_info
+    from headshots import operations
 
-    connect_ray(resolved)
-    info = load_info(resolved)
-    coordinator = get_or_create_coordinator(resolved, metrics_port=(info.metrics_port if info else 0) or None)
-    return _call(coordinator, method, *call_args)
+    return _call(operations.coordinator(resolved), method, *call_args)
 
 
 def cmd_cancel(args, config) -> int:
@@ -355,19 +386,14 @@ def cmd_cancel(args, config) -> int:
     from storage.state import StateStore
     from headshots.client import store_for
 
+    from headshots import operations
+
     resolved = stack.connect(config, start=True)
-    states = StateStore(store_for(resolved))
-    batch = states.load_batch(args.tenant, args.batch)
-    person_ids = [args.person] if args.person else batch.person_ids
-    if args.person and args.person not in batch.person_ids:
-        raise UsageError(f"batch {args.batch!r} has no person {args.person!r}")
-    result = _coordinator_call(resolved, "cancel_persons",
-                               [{"tenant": args.tenant, "batch_id": args.batch, "person_id": p} for p in person_ids])
-    if not args.person:
-        batch = states.load_batch(args.tenant, args.batch)
-        if batch.state == "running":
-            batch.state = "cancelled"
-            states.save_batch(batch)
+    try:
+        result = operations.cancel(resolved, StateStore(store_for(resolved)), tenant=args.tenant,
+                                   batch_id=args.batch, person_id=args.person)
+    except operations.OperationRefused as error:
+        raise UsageError(str(error)) from None
     _emit(args, result, f"cancelled {len(result['cancelled'])} person(s): {', '.join(result['cancelled']) or 'none'}")
     return EXIT_OK
 
@@ -448,13 +474,9 @@ def cmd_check(args, config) -> int:
 # --- retention and deletion ---------------------------------------------------------------------
 
 def _retention_controller(resolved):
-    from cluster.actors import get_or_create_retention_controller
-    from headshots.stack import connect_ray, load_info
+    from headshots import operations
 
-    connect_ray(resolved)
-    info = load_info(resolved)
-    return get_or_create_retention_controller(resolved, metrics_port=(info.retention_metrics_port if info else 0)
-                                              or None)
+    return operations.retention_controller(resolved)
 
 
 def cmd_delete(args, config) -> int:
@@ -520,6 +542,110 @@ def cmd_retention_sweep(args, config) -> int:
     if result["receipt_id"]:
         lines.append(f"receipt {result['receipt_id']}")
     _emit(args, result, "\n".join(lines))
+    return EXIT_OK
+
+
+# --- HTTP API and tenants --------------------------------------------------------------------------
+
+def cmd_serve(args, config) -> int:
+    import uvicorn
+
+    from headshots import stack
+    from headshots.api.app import create_app
+
+    resolved = stack.connect(config, start=True)
+    host = args.host or config.api.host
+    port = config.api.port if args.port is None else args.port
+    print(f"headshots API on http://{host}:{port}/v1 (OpenAPI: /openapi.json); Ctrl-C stops it", file=sys.stderr)
+    uvicorn.run(create_app(resolved), host=host, port=port, log_level="warning", server_header=False)
+    return EXIT_OK
+
+
+def _tenant_store(config):
+    from headshots import client, stack
+
+    store = client.store_for(stack.connect(config, start=True))
+    store.ensure_buckets()
+    return store
+
+
+def _tenant_call(call):
+    from headshots.tenants import TenantError
+
+    try:
+        return call()
+    except (TenantError, ValueError) as error:
+        raise UsageError(str(error)) from None
+
+
+def cmd_tenants_create(args, config) -> int:
+    from headshots import tenants
+
+    store = _tenant_store(config)
+    record, api_key = _tenant_call(lambda: tenants.create_tenant(
+        store, args.name, tenant=args.tenant_id,
+        rate_limit_per_s=args.rate_limit or config.api.default_rate_limit_per_s,
+        max_concurrent_batches=args.max_concurrent_batches or config.api.default_max_concurrent_batches))
+    document = {"tenant": record.tenant, "api_key": api_key, "webhook_secret": record.webhook_secret,
+                "key_id": record.api_keys[0].key_id}
+    _emit(args, document, f"tenant {record.tenant} created\n"
+          f"API key (shown only now; send it as `Authorization: Bearer ...`): {api_key}\n"
+          f"webhook secret (shown only now; verifies webhook signatures): {record.webhook_secret}")
+    return EXIT_OK
+
+
+def cmd_tenants_list(args, config) -> int:
+    from headshots import tenants
+
+    records = [record.public() for record in tenants.list_tenants(_tenant_store(config))]
+    if args.json:
+        print(json.dumps(records, indent=1))
+        return EXIT_OK
+    for record in records:
+        active = [k["key_id"] for k in record["api_keys"] if not k["revoked_at"]]
+        print(f"{record['tenant']:<24} {record['limits']['rate_limit_per_s']:>6g} req/s "
+              f"{record['limits']['max_concurrent_batches']:>4} batches  keys: {', '.join(active) or 'none'}")
+    if not records:
+        print("no tenants yet: `headshots tenants create NAME`")
+    return EXIT_OK
+
+
+def cmd_tenants_add_key(args, config) -> int:
+    from headshots import tenants
+
+    api_key = _tenant_call(lambda: tenants.add_api_key(_tenant_store(config), args.tenant))
+    _emit(args, {"tenant": args.tenant, "api_key": api_key}, f"API key (shown only now): {api_key}")
+    return EXIT_OK
+
+
+def cmd_tenants_revoke(args, config) -> int:
+    from headshots import tenants
+
+    result = _tenant_call(lambda: tenants.revoke_api_key(_tenant_store(config), args.key_id))
+    _emit(args, result, f"key {args.key_id} revoked (API servers stop accepting it within api.auth_cache_s "
+                        f"= {config.api.auth_cache_s:g} s)")
+    return EXIT_OK
+
+
+def cmd_tenants_limits(args, config) -> int:
+    from headshots import tenants
+
+    record = _tenant_call(lambda: tenants.set_limits(_tenant_store(config), args.tenant,
+                                                     rate_limit_per_s=args.rate_limit,
+                                                     max_concurrent_batches=args.max_concurrent_batches))
+    limits = record.public()["limits"]
+    _emit(args, {"tenant": record.tenant, **limits},
+          f"tenant {record.tenant}: {limits['rate_limit_per_s']:g} req/s, "
+          f"{limits['max_concurrent_batches']} concurrent batches")
+    return EXIT_OK
+
+
+def cmd_tenants_create_admin_key(args, config) -> int:
+    from headshots import tenants
+
+    api_key = _tenant_call(lambda: tenants.create_admin_key(_tenant_store(config)))
+    _emit(args, {"role": "admin", "api_key": api_key},
+          f"admin API key (shown only now; name the tenant with X-Headshots-Tenant): {api_key}")
     return EXIT_OK
 
 

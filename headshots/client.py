@@ -7,6 +7,8 @@ take a config whose store endpoint and Ray address are already resolved (see
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import secrets
 import shutil
@@ -17,14 +19,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from headshots.manifest import BatchManifest, Consent, PersonSpec
+from headshots.manifest import MAX_PHOTOS_PER_PERSON, BatchManifest, Consent, PersonSpec
 from pipeline import ingest
 from storage import keys
 from storage.crypto import PersonKeyStore, key_store_for
 from storage.retention import RetentionPolicy, file_person, load_policy
 from storage.scoped import PersonScope
-from storage.state import BatchState, PersonState, PhotoRecord, StateStore
-from storage.store import ArtifactStore, ObjectNotFound, utc_now_iso
+from storage.state import BatchState, PersonState, PhotoRecord, StateConflict, StateStore
+from storage.store import ArtifactStore, ObjectExists, ObjectNotFound, utc_now_iso
 
 UPLOAD_THREADS = 8
 
@@ -153,7 +155,7 @@ def submit_batch(config, manifest: BatchManifest, *, start: bool = True) -> Subm
     batch = BatchState(tenant=manifest.tenant, batch_id=batch_id, name=manifest.name,
                        base_model=manifest.base_model, styles=list(manifest.styles),
                        images_per_style=manifest.images_per_style, person_ids=[p.person_id for p in persons],
-                       priority=manifest.priority)
+                       priority=manifest.priority, webhooks=manifest.webhooks)
     states.save_batch(batch)
     if start:
         start_batch(config, manifest.tenant, batch_id)
@@ -165,6 +167,171 @@ def submit_batch(config, manifest: BatchManifest, *, start: bool = True) -> Subm
 
 
 ADD_PHOTOS_STATES = ("needs_photos", "failed", "cancelled")
+MAX_PHOTO_WRITE_ATTEMPTS = 20
+
+
+class BatchLimitReached(ValueError):
+    """The tenant already has as many open (created or running) batches as it may."""
+
+
+def _person_result(person: PersonState) -> dict[str, Any]:
+    return {"person_id": person.person_id, "state": person.state, "photos_accepted": person.photos_accepted,
+            "photos_rejected": [{"file": ph.source, "reason": ph.reason, "message": ph.message}
+                                for ph in person.photos if not ph.accepted]}
+
+
+def open_batches(store: ArtifactStore, tenant: str) -> int:
+    """The tenant's batches that are created (not yet started) or running.
+
+    Reads every batch document of the tenant (in parallel): the cost grows with the tenant's batches
+    (see bench/RESULTS.md, API); a per-tenant index of open batches would make it constant.
+    """
+    states = StateStore(store)
+
+    def is_open(found: tuple[str, str]) -> bool:
+        try:
+            return states.load_batch(*found).state in ("created", "running")
+        except ObjectNotFound:
+            return False
+
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+        return sum(pool.map(is_open, states.list_batches(tenant)))
+
+
+def create_batch(config, manifest: BatchManifest, *, batch_id: str | None = None,
+                 store: ArtifactStore | None = None) -> SubmitResult:
+    """Create a batch whose photos arrive later, one at a time (:func:`add_photo_bytes`), and which starts
+    only when asked (:func:`begin_batch`). The HTTP API's way in; nothing runs until then.
+
+    Persons wait in ``queued`` with no photos; the batch is ``created`` (the coordinator resumes only
+    ``running`` batches, so a restart does not start it early). The batch document is written last,
+    create-only: it is the commit point, and a ``batch_id`` chosen in advance (idempotent requests)
+    cannot be created twice.
+
+    Raises:
+        storage.state.StateConflict: a batch with this id exists.
+    """
+    store = store or store_for(config)
+    states = StateStore(store)
+    batch_id = batch_id or keys.new_batch_id(manifest.name)
+    policy = load_policy(config.retention.policy_file or None)
+    persons = []
+    for spec in manifest.persons:
+        person = PersonState(tenant=manifest.tenant, batch_id=batch_id, person_id=spec.person_id, name=spec.name,
+                             email=spec.email)
+        person.consent = consent_record(manifest.consent, spec, policy.version) if manifest.consent else None
+        persons.append(person)
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+        list(pool.map(states.save_person, persons))
+    batch = BatchState(tenant=manifest.tenant, batch_id=batch_id, name=manifest.name,
+                       base_model=manifest.base_model, styles=list(manifest.styles),
+                       images_per_style=manifest.images_per_style, person_ids=[p.person_id for p in persons],
+                       priority=manifest.priority, state="created")
+    states.create_batch(batch)
+    return SubmitResult(tenant=manifest.tenant, batch_id=batch_id, persons=[_person_result(p) for p in persons])
+
+
+def add_photo_bytes(config, *, tenant: str, batch_id: str, person_id: str, filename: str, data: bytes,
+                    store: ArtifactStore | None = None) -> dict[str, Any]:
+    """Store one photo, given as bytes, for a person of a batch that is not yet started, or one waiting
+    for photos (then :func:`begin_batch` or a retry). The same checks and metadata stripping as at submit.
+
+    Idempotent by file name: the same name with the same content again is the photo already stored;
+    the same name with other content is refused (the name is how the photo is reported).
+
+    Returns:
+        ``{person_id, file, index, stored: bool, photos_accepted}`` (``stored`` false on a repeat).
+
+    Raises:
+        ValueError: the person cannot take photos now, has no consent record, or the name is taken.
+        pipeline.ingest.PhotoRejected: the photo failed a check (reason and message say which).
+        storage.store.ObjectNotFound: no such batch or person.
+    """
+    store = store or store_for(config)
+    states = StateStore(store)
+    batch = states.load_batch(tenant, batch_id)
+    if person_id not in batch.person_ids:
+        raise ObjectNotFound(f"batch {batch_id!r} has no person {person_id!r}", bucket=store.bucket("state"),
+                             key=keys.batch_state_key(tenant, batch_id))
+    photo = ingest.sanitize_upload(data, filename=filename, max_pixels=config.ingest.max_pixels,
+                                   max_bytes=config.ingest.max_bytes, min_side=config.ingest.min_side_px)
+    digest = hashlib.sha256(photo.data).hexdigest()
+    ref = keys.PersonRef(tenant, batch_id, person_id)
+    policy = load_policy(config.retention.policy_file or None)
+    scope = PersonScope(store, ref, key_store=key_store_for(config, store))
+    stored = None
+    for _ in range(MAX_PHOTO_WRITE_ATTEMPTS):
+        person = states.load_person(tenant, batch_id, person_id)
+        waiting = batch.state == "created" and person.state == "queued"
+        if not waiting and person.state not in ADD_PHOTOS_STATES:
+            raise ValueError(f"person {person_id!r} is {person.state}; photos can be added before the batch "
+                             f"starts, or to persons in {', '.join(ADD_PHOTOS_STATES)} (then retry them)")
+        if not person.consent:
+            raise ValueError(f"person {person_id!r} has no consent record, so no photo of theirs can be stored")
+        same_name = [p for p in person.photos if p.accepted and p.source == filename]
+        if same_name:
+            known = {o.key: o.sha256 for o in person.objects}
+            if known.get(same_name[0].key) == digest:
+                return {"person_id": person_id, "file": filename, "index": same_name[0].index, "stored": False,
+                        "photos_accepted": person.photos_accepted}
+            raise ValueError(f"person {person_id!r} already has a different photo named {filename!r}; "
+                             "upload this one under another file name")
+        if len(person.photos) >= MAX_PHOTOS_PER_PERSON:
+            raise ValueError(f"person {person_id!r} has {len(person.photos)} photos; at most "
+                             f"{MAX_PHOTOS_PER_PERSON} per person")
+        if stored is None:
+            # Filed for expiry before the photo is stored, as at submit: a photo is never unfiled.
+            file_person(store, ref, min(policy.due_times(tenant, datetime.now(timezone.utc)).values()),
+                        reason="submitted")
+            index = max((p.index for p in person.photos if p.index >= 0), default=-1) + 1
+            while stored is None:
+                key = keys.upload_key(ref, index, photo.extension)
+                try:  # create-only: two uploads racing for one index cannot overwrite each other
+                    stored = scope.put("uploads", key, photo.data, content_type=photo.content_type, if_absent=True)
+                except ObjectExists:
+                    index += 1
+        person.record_object(stored)
+        person.photos.append(PhotoRecord(index=index, source=filename, accepted=True, key=stored.key))
+        person.last_upload_at = utc_now_iso()
+        try:
+            states.save_person(person)
+        except StateConflict:
+            continue  # another upload saved first: record ours on top of what it stored
+        return {"person_id": person_id, "file": filename, "index": index, "stored": True,
+                "photos_accepted": person.photos_accepted}
+    raise RuntimeError(f"person {person_id!r} kept changing while a photo was added; upload it again")
+
+
+def begin_batch(config, tenant: str, batch_id: str, *, store: ArtifactStore | None = None) -> dict[str, Any]:
+    """Start a ``created`` batch: persons with too few photos go to ``needs_photos`` (as at submit),
+    the batch becomes ``running`` and the coordinator takes it. Starting a running batch again is a
+    no-op that returns the same answer.
+
+    Raises:
+        ValueError: the batch is finished, cancelled or deleted.
+    """
+    store = store or store_for(config)
+    states = StateStore(store)
+    batch = states.load_batch(tenant, batch_id)
+    if batch.state not in ("created", "running"):
+        raise ValueError(f"batch {batch_id!r} is {batch.state}; only a created batch can be started")
+    if batch.state == "created":
+        for person in states.load_persons(batch):
+            if person.state == "queued" and person.photos_accepted < config.ingest.min_photos:
+                person.state = "needs_photos"
+                person.error = (f"{person.photos_accepted} usable photo(s); at least {config.ingest.min_photos} "
+                                "needed: add photos and retry")
+                person.processed_at = utc_now_iso()
+                states.save_person(person)
+        batch.state = "running"
+        try:
+            states.save_batch(batch)
+        except StateConflict:
+            batch = states.load_batch(tenant, batch_id)  # a concurrent start (fine) or a cancel (refused)
+            if batch.state != "running":
+                raise ValueError(f"batch {batch_id!r} became {batch.state} while it was started") from None
+    start_batch(config, tenant, batch_id)
+    return {"tenant": tenant, "batch_id": batch_id, "state": "running"}
 
 
 def add_photos(config, *, tenant: str, batch_id: str, person_id: str, files: list[Path]) -> dict[str, Any]:
@@ -210,9 +377,10 @@ def start_batch(config, tenant: str, batch_id: str) -> None:
     ray.get(coordinator.submit.remote(tenant, batch_id))
 
 
-def batch_status(config, batch_id: str, *, tenant: str | None = None) -> dict[str, Any]:
+def batch_status(config, batch_id: str, *, tenant: str | None = None,
+                 store: ArtifactStore | None = None) -> dict[str, Any]:
     """``{tenant, batch_id, state, persons: [{person_id, state, stage, headshots, error}]}``."""
-    store = store_for(config)
+    store = store or store_for(config)
     states = StateStore(store)
     batch = states.find_batch(batch_id, tenant)
     summary = states.batch_summary(batch)
@@ -240,20 +408,88 @@ def list_batches(config, *, tenant: str | None = None) -> list[dict[str, Any]]:
     states = StateStore(store)
     rows = []
     for found_tenant, batch_id in states.list_batches(tenant):
-        try:
-            batch = states.load_batch(found_tenant, batch_id)
-        except ObjectNotFound:
-            continue  # index written, state not yet (or deleted)
-        row = {"tenant": batch.tenant, "batch_id": batch.batch_id, "name": batch.name, "state": batch.state,
-               "persons": len(batch.person_ids), "created_at": batch.created_at, "priority": batch.priority,
-               "persons_by_state": None, "eta_seconds": None}
-        if batch.state == "running":
-            # Running batches show their progress side by side (counts and ETA from the coordinator).
-            progress = batch_progress(config, batch.tenant, batch.batch_id, store=store) or {}
-            row["persons_by_state"] = progress.get("persons_by_state")
-            row["eta_seconds"] = progress.get("eta_seconds")
-        rows.append(row)
+        row = batch_row(config, store, found_tenant, batch_id)
+        if row is not None:
+            rows.append(row)
     return sorted(rows, key=lambda row: row["created_at"])
+
+
+def batch_row(config, store: ArtifactStore, tenant: str, batch_id: str) -> dict[str, Any] | None:
+    """One batch as `status` lists it, or None when its index is written but its state is not (or gone)."""
+    try:
+        batch = StateStore(store).load_batch(tenant, batch_id)
+    except ObjectNotFound:
+        return None
+    row = {"tenant": batch.tenant, "batch_id": batch.batch_id, "name": batch.name, "state": batch.state,
+           "persons": len(batch.person_ids), "created_at": batch.created_at, "priority": batch.priority,
+           "persons_by_state": None, "eta_seconds": None}
+    if batch.state == "running":
+        # Running batches show their progress side by side (counts and ETA from the coordinator).
+        progress = batch_progress(config, batch.tenant, batch.batch_id, store=store) or {}
+        row["persons_by_state"] = progress.get("persons_by_state")
+        row["eta_seconds"] = progress.get("eta_seconds")
+    return row
+
+
+def list_batch_page(config, *, tenant: str, limit: int, after: str | None = None,
+                    store: ArtifactStore | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of a tenant's batches in batch id order (a stable cursor: ``after`` = the last id seen).
+
+    Only the page's batches are read, so a page costs the same however many batches the tenant has.
+
+    Returns:
+        (rows, the cursor for the next page or None at the end).
+    """
+    store = store or store_for(config)
+    ids = [batch_id for _, batch_id in StateStore(store).list_batches(tenant) if after is None or batch_id > after]
+    page_ids = ids[:limit]
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+        rows = [row for row in pool.map(lambda b: batch_row(config, store, tenant, b), page_ids) if row is not None]
+    return rows, (page_ids[-1] if len(ids) > limit else None)
+
+
+def batch_zip(config, tenant: str, batch_id: str, *, store: ArtifactStore | None = None) -> tuple[str, int] | None:
+    """The batch's delivered files as one ZIP in the outputs bucket (the layout of :func:`download_batch`),
+    made on first request and kept under a name that digests its contents, so a new headshot makes a new
+    ZIP and a repeated request reuses the stored one. Under ``_batch/``: deleting the batch's outputs
+    deletes it too.
+
+    Returns:
+        (the ZIP's key, the number of files in it), or None when there is nothing to deliver yet.
+    """
+    from cluster.stages import download_path
+
+    store = store or store_for(config)
+    states = StateStore(store)
+    batch = states.load_batch(tenant, batch_id)
+    persons = states.load_persons(batch)
+    entries: list[tuple[str, str]] = []
+    for person in persons:
+        for record in person.headshots:
+            entries.append((record.key, download_path(person.person_id, record.key)))
+    if not entries:
+        return None
+    for person in persons:
+        contact = keys.person_contact_sheet_key(person.ref)
+        if person.headshots and store.exists("outputs", contact):
+            entries.append((contact, f"{person.person_id}/contact-sheet.png"))
+    for key, relative in ((keys.batch_contact_sheet_key(tenant, batch_id), "contact-sheet.png"),
+                          (keys.batch_manifest_key(tenant, batch_id), "manifest.json")):
+        if store.exists("outputs", key):
+            entries.append((key, relative))
+    fingerprint = hashlib.sha256("\n".join(f"{k}={r}" for k, r in sorted(entries)).encode()).hexdigest()[:32]
+    zip_key = keys.batch_download_zip_key(tenant, batch_id, fingerprint)
+    if store.exists("outputs", zip_key):
+        return zip_key, len(entries)
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+        contents = list(pool.map(lambda entry: store.get("outputs", entry[0]), entries))
+    buffer = io.BytesIO()
+    # PNGs are compressed already: stored, not deflated again.
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for (_, relative), data in zip(entries, contents):
+            archive.writestr(relative, data)
+    store.put("outputs", zip_key, buffer.getvalue(), content_type="application/zip")
+    return zip_key, len(entries)
 
 
 def download_batch(config, batch_id: str, output_dir: str | Path, *, tenant: str | None = None,

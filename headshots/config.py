@@ -56,8 +56,15 @@ class StoreConfig:
     # How long every store call keeps retrying while the server is unreachable or answers "busy"
     # (a restart, a failover) before it fails; waits back off exponentially, capped at a few seconds.
     outage_tolerance_s: float = 120.0
+    # Where clients reach the store, for presigned download URLs (host:port; the internal endpoint is
+    # usually not reachable from outside). Empty: the endpoint above. Signing needs no network.
+    public_endpoint: str = ""
+    public_secure: bool = False
 
     def __post_init__(self) -> None:
+        if self.public_endpoint and ("://" in self.public_endpoint or "/" in self.public_endpoint):
+            raise ConfigError(f"store.public_endpoint must be host:port without a scheme or path but is "
+                              f"{self.public_endpoint!r}; set store.public_secure to choose https")
         if not self.outage_tolerance_s > 0:
             raise ConfigError(
                 f"store.outage_tolerance_s must be a number of seconds > 0 but is {self.outage_tolerance_s}")
@@ -295,6 +302,75 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class WebhooksConfig:
+    """Delivery of batch webhooks (see cluster/webhooks.py): retries with exponential backoff and jitter,
+    in threads of their own, so a receiver that is slow or down never holds up a batch."""
+
+    # A delivery is given up after this many attempts, or once it is max_age_s old, whichever comes first.
+    max_attempts: int = 20
+    max_age_s: float = 24 * 3600.0
+    # Waits between attempts: first_retry_delay_s, doubling up to max_retry_delay_s (each with jitter).
+    first_retry_delay_s: float = 1.0
+    max_retry_delay_s: float = 3600.0
+    # Per request (connect, send, answer): short, since a receiver only has to acknowledge.
+    timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        _require_range("webhooks.max_attempts", self.max_attempts, 1, 1000)
+        for key, value, low, high in (("webhooks.max_age_s", self.max_age_s, 1.0, 30 * 24 * 3600.0),
+                                      ("webhooks.first_retry_delay_s", self.first_retry_delay_s, 0.01, 3600.0),
+                                      ("webhooks.max_retry_delay_s", self.max_retry_delay_s, 0.01, 24 * 3600.0),
+                                      ("webhooks.timeout_s", self.timeout_s, 0.1, 60.0)):
+            if not low <= value <= high:
+                raise ConfigError(f"{key} must be a number of seconds between {low:g} and {high:g} but is {value}")
+        if self.max_retry_delay_s < self.first_retry_delay_s:
+            raise ConfigError(f"webhooks.max_retry_delay_s ({self.max_retry_delay_s}) must not be less than "
+                              f"webhooks.first_retry_delay_s ({self.first_retry_delay_s})")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The studios' HTTP API (`headshots serve`, headshots/api/)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Largest JSON request body (a batch manifest) and largest photo, in bytes.
+    max_request_bytes: int = 1024 * 1024
+    max_photo_bytes: int = 30 * 1024 * 1024
+    # Presigned download URLs expire after this long.
+    presign_expiry_s: int = 900
+    # Self-service deletion links expire after this long (default 30 days).
+    deletion_link_ttl_s: int = 30 * 24 * 3600
+    # Limits a new tenant gets (each tenant's record can carry its own).
+    default_rate_limit_per_s: float = 20.0
+    default_max_concurrent_batches: int = 10
+    # A verified API key is trusted for this long before its record is read again (so a revocation
+    # takes effect within this time); 0: read on every request.
+    auth_cache_s: float = 5.0
+    # Base models a batch created over the API may name (local folders and store prefixes are the
+    # operator's to choose: a client must not probe the server's files or other tenants' prefixes).
+    base_models: list[str] = field(default_factory=lambda: ["tiny"])
+    # Largest page `GET /v1/batches` returns.
+    max_page_size: int = 200
+
+    def __post_init__(self) -> None:
+        _require_range("api.port", self.port, 0, 65535)
+        _require_range("api.max_request_bytes", self.max_request_bytes, 1024, 64 * 1024 * 1024)
+        _require_range("api.max_photo_bytes", self.max_photo_bytes, 1024, 1 << 31)
+        _require_range("api.presign_expiry_s", self.presign_expiry_s, 1, 7 * 24 * 3600)
+        _require_range("api.deletion_link_ttl_s", self.deletion_link_ttl_s, 60, 365 * 24 * 3600)
+        _require_range("api.default_max_concurrent_batches", self.default_max_concurrent_batches, 1, 100_000)
+        _require_range("api.max_page_size", self.max_page_size, 1, 10_000)
+        if not 0 < self.default_rate_limit_per_s <= 100_000:
+            raise ConfigError(f"api.default_rate_limit_per_s must be between 0 (exclusive) and 100000 but is "
+                              f"{self.default_rate_limit_per_s}")
+        if not 0 <= self.auth_cache_s <= 3600:
+            raise ConfigError(f"api.auth_cache_s must be between 0 and 3600 seconds but is {self.auth_cache_s}")
+        if not isinstance(self.base_models, list) or not all(isinstance(m, str) and m for m in self.base_models):
+            raise ConfigError(f"api.base_models must be a list of base model names but is {self.base_models!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     home: str = ""
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -306,6 +382,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
 
     @property
     def home_path(self) -> Path:
@@ -414,6 +492,9 @@ def _parse_env_value(variable: str, raw: str, kind: type) -> Any:
             return int(raw)
         if kind is float:
             return float(raw)
+        if typing.get_origin(kind) is list:
+            # "tiny,s3://models/sd15": comma-separated.
+            return [part.strip() for part in raw.split(",") if part.strip()]
         if typing.get_origin(kind) is dict:
             # "tenant=2,other=0.5": the value type comes from the annotation (dict[str, float]).
             value_type = typing.get_args(kind)[1]

@@ -17,12 +17,14 @@ from typing import Any, Iterable
 
 import yaml
 
+from cluster.webhooks import parse_webhooks
 from storage.keys import ID_PATTERN, slugify
 
 MAX_PERSONS = 2000
 MAX_IMAGES_PER_STYLE = 64
 MAX_PHOTOS_PER_PERSON = 50
-MANIFEST_FIELDS = ("tenant", "batch", "base_model", "styles", "images_per_style", "priority", "consent", "persons")
+MANIFEST_FIELDS = ("tenant", "batch", "base_model", "styles", "images_per_style", "priority", "consent", "persons",
+                   "webhooks")
 # Batch priority: within a tenant, higher runs first; between tenants fair share decides.
 PRIORITY_RANGE = (-100, 100)
 PERSON_FIELDS = ("name", "id", "email", "photos", "consent_given_at")
@@ -73,10 +75,13 @@ class BatchManifest:
     source: str = ""
     consent: Consent | None = None
     priority: int = 0
+    # [{url, events}]: where the batch's events are delivered (see cluster/webhooks.py).
+    webhooks: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"tenant": self.tenant, "batch": self.name, "base_model": self.base_model, "styles": self.styles,
                 "images_per_style": self.images_per_style, "priority": self.priority,
+                "webhooks": self.webhooks,
                 "persons": [{"id": p.person_id, "name": p.name, "email": p.email,
                              "photos": [str(photo) for photo in p.photos]} for p in self.persons]}
 
@@ -206,6 +211,8 @@ def parse_manifest(document: dict[str, Any], *, base_dir: Path, source: str, kno
                         f"{PRIORITY_RANGE[1]} (higher runs first within the tenant) but is {priority!r}")
 
     consent = _parse_consent(document.get("consent"), source, problems)
+    webhooks, webhook_problems = parse_webhooks(document.get("webhooks"), where=f"{source}: field 'webhooks'")
+    problems.extend(webhook_problems)
 
     raw_persons = document.get("persons")
     persons: list[PersonSpec] = []
@@ -262,7 +269,7 @@ def parse_manifest(document: dict[str, Any], *, base_dir: Path, source: str, kno
         raise ManifestError(source, problems)
     return BatchManifest(tenant=tenant, name=name.strip(), base_model=base_model, styles=list(styles),
                          images_per_style=images_per_style, persons=persons, source=source, consent=consent,
-                         priority=priority)
+                         priority=priority, webhooks=webhooks)
 
 
 def _is_iso_time(value: Any) -> bool:

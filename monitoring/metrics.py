@@ -173,6 +173,28 @@ def create_retention_metrics(registry: CollectorRegistry) -> RetentionMetrics:
     return metrics
 
 
+WEBHOOK_EVENTS = ("batch.completed", "person.needs_photos", "person.failed", "deletion.completed")
+WEBHOOK_OUTCOMES = ("delivered", "retried", "failed")
+
+
+@dataclass(frozen=True)
+class WebhookMetrics:
+    deliveries_total: Counter
+
+
+def create_webhook_metrics(registry: CollectorRegistry) -> WebhookMetrics:
+    """Webhook delivery attempts, by event type and outcome: ``delivered`` (2xx), ``retried`` (an attempt
+    failed, another is scheduled), ``failed`` (given up). Registered by each process that emits events."""
+    metrics = WebhookMetrics(
+        deliveries_total=Counter("webhook_deliveries_total",
+                                 "Webhook delivery attempts, by event type and outcome (delivered|retried|failed).",
+                                 ["event", "outcome"], registry=registry))
+    for event in WEBHOOK_EVENTS:
+        for outcome in WEBHOOK_OUTCOMES:
+            metrics.deliveries_total.labels(event=event, outcome=outcome)
+    return metrics
+
+
 def serve_metrics(registry: CollectorRegistry, *, host: str, port: int) -> int:
     """Expose ``registry`` on http://host:port/metrics; returns the bound port (port 0 picks one)."""
     server, _thread = start_http_server(port, addr=host, registry=registry)

@@ -162,7 +162,71 @@ def batch_index_prefix(tenant: str | None = None) -> str:
     return f"{SYSTEM_PREFIX}/batches/" + (tenant_prefix(tenant) if tenant else "")
 
 
+# --- webhooks ---------------------------------------------------------------------------------
+
+WEBHOOKS_PREFIX = f"{SYSTEM_PREFIX}/webhooks"
+# The per-stack signing secret, for batches of tenants without a tenant record (operator batches).
+WEBHOOK_DEFAULT_SECRET_KEY = f"{WEBHOOKS_PREFIX}/default-secret"
+
+
+def webhook_pending_prefix(source: str) -> str:
+    """Deliveries not yet finished, per emitting process (``coordinator``, ``retention``)."""
+    return f"{WEBHOOKS_PREFIX}/pending/{validate_id(source, field='webhook source')}/"
+
+
+def webhook_pending_key(source: str, delivery_id: str) -> str:
+    return f"{webhook_pending_prefix(source)}{validate_id(delivery_id, field='delivery id')}.json"
+
+
 def _extension(extension: str) -> str:
     if extension not in (".png", ".jpg", ".webp"):
         raise ValueError(f"extension must be .png, .jpg or .webp but is {extension!r}")
     return extension
+
+
+# --- tenants and the HTTP API (headshots/tenants.py, headshots/api/) -----------------------------
+
+TENANTS_PREFIX = f"{SYSTEM_PREFIX}/tenants/"
+API_KEY_INDEX_PREFIX = f"{SYSTEM_PREFIX}/api-keys/"
+API_KEY_ID_PATTERN = re.compile(r"[0-9a-f]{16}")
+SHA256_HEX_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+
+def tenant_record_key(tenant: str) -> str:
+    """The tenant's record: display name, hashed API keys, limits, ``webhook_secret`` (cluster/webhooks.py
+    signs the tenant's deliveries with it)."""
+    return f"{TENANTS_PREFIX}{validate_id(tenant, field='tenant')}/record.json"
+
+
+def admin_record_key() -> str:
+    """Operators' admin API keys (hashed), which may act on any tenant."""
+    return f"{SYSTEM_PREFIX}/admin/record.json"
+
+
+def api_key_index_key(key_id: str) -> str:
+    """``key_id`` → owner (tenant or admin), so a request's key is found without scanning tenants."""
+    if not isinstance(key_id, str) or not API_KEY_ID_PATTERN.fullmatch(key_id):
+        raise InvalidId(f"api key id {key_id!r} is not valid: 16 lowercase hex digits")
+    return f"{API_KEY_INDEX_PREFIX}{key_id}.json"
+
+
+def idempotency_key(tenant: str, key_sha256: str) -> str:
+    """The record of one ``Idempotency-Key`` (named by its sha256, so any header value is a safe key)."""
+    if not isinstance(key_sha256, str) or not SHA256_HEX_PATTERN.fullmatch(key_sha256):
+        raise InvalidId(f"idempotency key digest {key_sha256!r} is not a sha256 hex digest")
+    return f"{TENANTS_PREFIX}{validate_id(tenant, field='tenant')}/idempotency/{key_sha256}.json"
+
+
+def deletion_link_secret_key() -> str:
+    """The HMAC key that signs self-service deletion links (created once, on first use)."""
+    return f"{SYSTEM_PREFIX}/api/deletion-link-secret.json"
+
+
+def batch_download_zip_key(tenant: str, batch_id: str, fingerprint: str) -> str:
+    """A batch's headshots as one ZIP, named by a digest of what it holds (a new headshot, a new ZIP).
+
+    Under ``_batch/`` in the outputs bucket, so deleting a batch's outputs deletes it too.
+    """
+    if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{16,64}", fingerprint):
+        raise InvalidId(f"zip fingerprint {fingerprint!r} is not a hex digest")
+    return f"{batch_prefix(tenant, batch_id)}{BATCH_PREFIX}/downloads/headshots-{fingerprint}.zip"

@@ -95,8 +95,12 @@ class PersonScope:
         return self.store.exists(artifact, key, **self._encryption(artifact))
 
     def put(self, artifact: str, key: str, data: bytes, *, content_type: str = "application/octet-stream",
-            metadata: Mapping[str, str] | None = None) -> StoredObject:
+            metadata: Mapping[str, str] | None = None, if_absent: bool = False) -> StoredObject:
         """Write one of the person's objects (encrypted with their key for ``ENCRYPTED_ARTIFACTS``).
+
+        Args:
+            if_absent: create only (see :meth:`ArtifactStore.put`): two writers racing for one key
+                cannot both land.
 
         Raises:
             ScopeViolation: ``key`` is not the person's.
@@ -111,4 +115,5 @@ class PersonScope:
                 f"person {self.person.prefix} is being deleted: nothing more may be written for them "
                 f"(refused {artifact}:{key})")
         encryption = self._encryption(artifact, create=artifact == "uploads")
-        return self.store.put(artifact, key, data, content_type=content_type, metadata=metadata, **encryption)
+        return self.store.put(artifact, key, data, content_type=content_type, metadata=metadata,
+                              if_absent=if_absent, **encryption)

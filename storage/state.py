@@ -22,7 +22,9 @@ from storage.store import ArtifactStore, ObjectNotFound, StoredObject, WriteConf
 PERSON_STATES = ("queued", "ingesting", "training", "generating", "packaging",
                  "done", "needs_photos", "failed", "cancelled", "deleted")
 FINAL_PERSON_STATES = frozenset({"done", "needs_photos", "failed", "cancelled", "deleted"})
-BATCH_STATES = ("running", "done", "cancelled", "deleted")
+# "created": made over the HTTP API, waiting for its photos and an explicit start (the coordinator
+# resumes only "running" batches, so a restart never starts one early).
+BATCH_STATES = ("created", "running", "done", "cancelled", "deleted")
 STAGES = ("ingest", "train", "generate", "package")
 STAGE_OF_STATE = {"ingesting": "ingest", "training": "train", "generating": "generate", "packaging": "package"}
 SCHEMA_VERSION = 1
@@ -169,6 +171,8 @@ class BatchState:
     finished_at: str | None = None
     # Within a tenant, higher-priority batches get the GPUs first (from the manifest's `priority`).
     priority: int = 0
+    # Where the batch's events are delivered: [{url, events}] (validated at submit; cluster/webhooks.py).
+    webhooks: list[dict[str, Any]] = field(default_factory=list)
     # The ETag this copy was loaded or last saved at (compare-and-swap); not part of the document.
     etag: str | None = field(default=None, compare=False, repr=False)
 

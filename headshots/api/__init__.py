@@ -1,0 +1,1 @@
+"""The studios' HTTP API (FastAPI): `headshots serve`. See app.py for the routes."""
