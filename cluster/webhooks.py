@@ -18,6 +18,13 @@ Signature: ``X-Headshots-Signature: v1=<hex HMAC-SHA256(secret, f"{timestamp}.{b
 ``X-Headshots-Timestamp`` in unix seconds; :func:`verify_signature` checks it for a receiver. The secret
 is the tenant's ``webhook_secret`` (its tenant record), or for tenants without a record (batches an
 operator submitted from the CLI) the stack's own, generated once into ``_system/webhooks/default-secret``.
+
+Receiver addresses (SSRF): at every attempt the receiver's host is resolved once and each address is
+checked; a host that resolves to a loopback, private, link-local (e.g. the cloud metadata service
+169.254.169.254), shared, multicast or reserved address is refused and the delivery given up at once,
+unless ``webhooks.allow_private_addresses`` is on. The connection then goes to the checked addresses
+themselves (TLS still verifies the URL's host name), so a second DNS answer between the check and the
+connection (DNS rebinding) cannot send it elsewhere.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import json
 import logging
 import random
 import secrets
+import socket
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -349,15 +358,132 @@ class Delivery:
                    created_at=float(document.get("created_at", time.time())), last_error=document.get("last_error"))
 
 
-def post(url: str, body: bytes, headers: Mapping[str, str], *, timeout_s: float) -> int:
-    """POST ``body`` and return the HTTP status. Redirects are not followed (a 3xx is a failed attempt).
+class ReceiverRefused(Exception):
+    """The receiver's host resolves to an address deliveries may not go to (see :func:`address_problem`)."""
+
+
+# Address resolution for receivers: ``(host, port) -> [IP address, ...]``; tests pass a stub.
+Resolver = Callable[[str, int], list[str]]
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits (NAT64, RFC 6052): judged by that address.
+NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+
+
+def address_problem(address: str) -> str | None:
+    """Why deliveries may not go to ``address`` (an IP address), or None when it is public unicast.
+
+    IPv6 addresses that embed an IPv4 one (IPv4-mapped, 6to4, NAT64) are judged by the IPv4 address.
+    """
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # fe80::1%eth0: the zone does not matter
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (
+            ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in NAT64_PREFIX else None)
+        if embedded is not None:
+            problem = address_problem(str(embedded))
+            return f"{problem}, as {embedded}" if problem else None
+    for kind, flagged in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
+                          ("multicast", ip.is_multicast), ("unspecified", ip.is_unspecified),
+                          ("reserved", ip.is_reserved), ("private", ip.is_private)):
+        if flagged:
+            return kind
+    if not ip.is_global:  # e.g. 100.64.0.0/10, the carrier-grade NAT range
+        return "not globally routable"
+    return None
+
+
+def resolve_host(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, in the resolver's order (an IP literal is itself).
+
+    Raises:
+        OSError: the name does not resolve (socket.gaierror), worth another attempt later.
+    """
+    addresses: list[str] = []
+    for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        if family in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in addresses:
+            addresses.append(sockaddr[0])
+    return addresses
+
+
+def receiver_addresses(url: str, *, allow_private: bool, resolve: Resolver = resolve_host) -> list[str]:
+    """Resolve the receiver of ``url`` once and check every address it resolves to.
+
+    A host with any refused address is refused as a whole: a name that mixes public and private
+    answers is either misconfigured or trying to be picked on the private one.
+
+    Args:
+        url: the receiver's URL (already passed :func:`url_problem`).
+        allow_private: ``webhooks.allow_private_addresses``: skip the check.
+        resolve: the resolver.
+
+    Returns:
+        The addresses to connect to (see :func:`post`).
+
+    Raises:
+        ReceiverRefused: an address is not public unicast and ``allow_private`` is off.
+        OSError: the host does not resolve.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    addresses = resolve(host, _port(parts))
+    if not addresses:
+        raise OSError(f"{host} resolves to no address")
+    if not allow_private:
+        for address in addresses:
+            problem = address_problem(address)
+            if problem:
+                raise ReceiverRefused(f"{host} resolves to {address} ({problem})")
+    return addresses
+
+
+def _port(parts) -> int:
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _connect_first(addresses: list[str], port: int, timeout_s: float) -> socket.socket:
+    failure: OSError | None = None
+    for address in addresses:
+        try:
+            return socket.create_connection((address, port), timeout_s)
+        except OSError as error:
+            failure = error
+    assert failure is not None  # addresses is never empty (receiver_addresses)
+    raise failure
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Plain HTTP to checked addresses, never resolving the host again; the Host header is the URL's."""
+
+    def __init__(self, host: str, port: int, addresses: list[str], *, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._addresses = addresses
+
+    def connect(self) -> None:
+        self.sock = _connect_first(self._addresses, self.port, self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to checked addresses; the certificate is still verified against the URL's host name."""
+
+    def __init__(self, host: str, port: int, addresses: list[str], *, timeout: float):
+        self._tls = ssl.create_default_context()
+        super().__init__(host, port, timeout=timeout, context=self._tls)
+        self._addresses = addresses
+
+    def connect(self) -> None:
+        self.sock = self._tls.wrap_socket(_connect_first(self._addresses, self.port, self.timeout),
+                                          server_hostname=self.host)
+
+
+def post(url: str, body: bytes, headers: Mapping[str, str], *, timeout_s: float, addresses: list[str]) -> int:
+    """POST ``body`` to ``url``, connecting only to ``addresses`` (from :func:`receiver_addresses`), and
+    return the HTTP status. Redirects are not followed (a 3xx is a failed attempt).
 
     Raises:
         OSError, http.client.HTTPException: the receiver could not be reached or answered garbage.
     """
     parts = urlsplit(url)
-    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = connection_class(parts.hostname, parts.port, timeout=timeout_s)
+    connection_class = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
+    # The port is always given: http.client would read the last group of an IPv6 literal as one.
+    connection = connection_class(parts.hostname, _port(parts), addresses, timeout=timeout_s)
     try:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         connection.request("POST", path, body=body, headers=dict(headers))
@@ -377,12 +503,14 @@ class WebhookDispatcher:
         source: who emits (``coordinator``, ``retention``): each process picks up only its own records.
         metrics: counts attempts in ``webhook_deliveries_total{event,outcome}``.
         threads: sender threads.
+        resolve: resolves receivers' hosts (tests pass a stub).
     """
 
     def __init__(self, store: ArtifactStore, config, *, source: str, metrics: WebhookMetrics | None = None,
-                 threads: int = DELIVERY_THREADS):
+                 threads: int = DELIVERY_THREADS, resolve: Resolver = resolve_host):
         self.store = store
         self.config = config
+        self._resolve = resolve
         self.source = keys.validate_id(source, field="webhook source")
         self.metrics = metrics
         self._threads = threads
@@ -577,15 +705,26 @@ class WebhookDispatcher:
             return
         error = None
         try:
+            # Resolved and checked before anything else; the connection goes to these addresses only.
+            addresses = receiver_addresses(delivery.url, allow_private=self.config.allow_private_addresses,
+                                           resolve=self._resolve)
             body = event.body()
             timestamp = int(time.time())
             headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
                        "X-Headshots-Event": event.type, "X-Headshots-Delivery": event.id,
                        "X-Headshots-Timestamp": str(timestamp),
                        "X-Headshots-Signature": sign(self._secret(event.tenant), timestamp, body)}
-            status = post(delivery.url, body, headers, timeout_s=self.config.timeout_s)
+            status = post(delivery.url, body, headers, timeout_s=self.config.timeout_s, addresses=addresses)
             if not 200 <= status < 300:
                 error = f"HTTP {status}"
+        except ReceiverRefused as refusal:
+            # Final: the same host would be refused at every attempt (and retrying would probe the network).
+            logger.warning("webhooks: giving up %s (%s): receiver refused, %s; deliveries go to public addresses "
+                           "only unless webhooks.allow_private_addresses is on", delivery.delivery_id, event.type,
+                           refusal)
+            self._count(event.type, "failed")
+            self._finish(delivery)
+            return
         except Exception as failure:  # the receiver, the network or the store: all worth another attempt
             error = type(failure).__name__
         delivery.attempts += 1

@@ -314,6 +314,12 @@ class WebhooksConfig:
     max_retry_delay_s: float = 3600.0
     # Per request (connect, send, answer): short, since a receiver only has to acknowledge.
     timeout_s: float = 5.0
+    # Deliver to receivers whose host resolves to a loopback, private, link-local (cloud metadata),
+    # shared, multicast or reserved address. Off: such a delivery is refused and given up at once, so a
+    # tenant cannot make the head pod call its own ports, the cluster network or the metadata service.
+    # Turn it on for the local stack with a receiver on 127.0.0.1, for tests, or for receivers inside
+    # your own network.
+    allow_private_addresses: bool = False
 
     def __post_init__(self) -> None:
         _require_range("webhooks.max_attempts", self.max_attempts, 1, 1000)

@@ -274,9 +274,18 @@ def connect_ray(config: Config) -> None:
              logging_level=logging.WARNING, configure_logging=False)
 
 
+def uses_external_services(config: Config) -> bool:
+    """Both the store and Ray are configured (a deployment): there is no local stack to start."""
+    return bool(config.store.endpoint and config.ray.address)
+
+
 def connect(config: Config, *, start: bool = False) -> Config:
-    """The config with the local stack filled in; starts the stack first when ``start`` and it is down."""
-    if start and not is_up(config):
+    """The config with the local stack filled in; starts the stack first when ``start`` and it is down.
+
+    With an external store and Ray cluster configured nothing is started: a process such as the API
+    server in a pod must not create buckets or actors (that is the head's job, with wider rights).
+    """
+    if start and not uses_external_services(config) and not is_up(config):
         up(config)
     return effective_config(config)
 

@@ -18,14 +18,16 @@ from prometheus_client import CollectorRegistry
 
 from cluster.coordinator import Coordinator
 from cluster.retention import RetentionController
-from cluster.webhooks import DATA_FIELDS, WebhookDispatcher, default_secret, new_event, verify_signature
+from cluster.webhooks import DATA_FIELDS, WebhookDispatcher, default_secret, new_event, post, verify_signature
 from headshots.config import WebhooksConfig
 from monitoring.metrics import create_webhook_metrics
 from storage import keys
 from storage.state import BatchState, PersonState, PhotoRecord, StateStore
 from tests.integration.test_coordinator_failures import ScriptedPool
 
-FAST = WebhooksConfig(max_attempts=5, first_retry_delay_s=0.05, max_retry_delay_s=0.2, timeout_s=2.0)
+# The receivers here listen on 127.0.0.1, which deliveries are refused unless allowed explicitly.
+FAST = WebhooksConfig(max_attempts=5, first_retry_delay_s=0.05, max_retry_delay_s=0.2, timeout_s=2.0,
+                      allow_private_addresses=True)
 PERSON_NAME = "Ada Lovelace"
 PERSON_EMAIL = "ada@example.com"
 
@@ -188,6 +190,30 @@ def test_a_delivery_is_given_up_after_max_attempts(store, tenant, receivers, dis
     value = dispatcher.registry.get_sample_value
     assert value("webhook_deliveries_total", {"event": "person.failed", "outcome": "failed"}) == 2
     assert value("webhook_deliveries_total", {"event": "person.failed", "outcome": "retried"}) == 4
+
+
+def test_by_default_a_loopback_receiver_is_refused_without_a_single_request(store, tenant, receivers, dispatchers):
+    receiver = receivers()
+    dispatcher = dispatchers(dataclasses.replace(FAST, allow_private_addresses=False))
+    dispatcher.emit(new_event("batch.completed", tenant=tenant, batch_id="b1", state="done", facts=["t1"]),
+                    [{"url": receiver.url, "events": ["batch.completed"]}])
+    assert dispatcher.wait_idle(10)
+    assert receiver.requests == []
+    assert _pending_keys(store, dispatcher.source) == []
+    value = dispatcher.registry.get_sample_value
+    assert value("webhook_deliveries_total", {"event": "batch.completed", "outcome": "failed"}) == 1
+    assert value("webhook_deliveries_total", {"event": "batch.completed", "outcome": "retried"}) == 0
+
+
+def test_the_connection_goes_to_the_checked_address_not_to_a_new_lookup(receivers):
+    # "hooks.invalid" resolves nowhere (RFC 6761): the request can only arrive through the pinned address.
+    receiver = receivers()
+    port = receiver.server.server_address[1]
+    status = post(f"http://hooks.invalid:{port}/h?t=1", b"{}", {"Content-Type": "application/json"},
+                  timeout_s=2.0, addresses=["127.0.0.1"])
+    assert status == 200
+    [request] = receiver.requests
+    assert request["headers"]["Host"] == f"hooks.invalid:{port}" and request["path"] == "/h?t=1"
 
 
 def test_pending_deliveries_survive_a_dispatcher_restart(store, tenant, receivers, dispatchers):

@@ -206,9 +206,9 @@ def test_ci_values_render_the_production_shape(chart):
 
 def test_full_values_render_every_optional_part(chart):
     kinds = sorted(doc["kind"] for doc in manifests(render(chart, full_values())))
-    assert kinds == ["ConfigMap", "ConfigMap", "ConfigMap", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy",
-                     "NetworkPolicy", "PrometheusRule", "RayCluster", "Service", "Service", "ServiceMonitor",
-                     "StatefulSet"]
+    assert kinds == ["ConfigMap", "ConfigMap", "ConfigMap", "Deployment", "Ingress", "NetworkPolicy",
+                     "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy",
+                     "PrometheusRule", "RayCluster", "Service", "Service", "Service", "ServiceMonitor", "StatefulSet"]
 
 
 @pytest.mark.parametrize("values_file", [CI_VALUES, FULL_VALUES], ids=lambda path: path.name)
@@ -347,7 +347,11 @@ def test_dashboard_and_job_api_are_only_on_cluster_ip_services(chart):
         documents = manifests(render(chart, values))
         assert only(documents, "RayCluster")["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
         assert {doc["spec"]["type"] for doc in documents if doc["kind"] == "Service"} == {"ClusterIP"}
-        assert not [doc for doc in documents if doc["kind"] in ("Ingress", "Route", "HTTPRoute")]
+        assert not [doc for doc in documents if doc["kind"] in ("Route", "HTTPRoute")]
+        # The only Ingress (full values) leads to the studio API, never to the Ray head.
+        backends = {path["backend"]["service"]["name"] for doc in documents if doc["kind"] == "Ingress"
+                    for rule in doc["spec"]["rules"] for path in rule["http"]["paths"]}
+        assert backends <= {f"{FULLNAME}-api"}
 
 
 # --- pod security ---------------------------------------------------------------------------------
@@ -358,7 +362,7 @@ def test_every_pod_meets_the_restricted_profile(chart, values_name):
     templates = dict(pod_templates(documents))
     expected = {"ray head", "ray worker group gpu", "ray worker group cpu"}
     if values_name == "full":
-        expected.add(f"StatefulSet {FULLNAME}-minio")
+        expected |= {f"StatefulSet {FULLNAME}-minio", f"Deployment {FULLNAME}-api"}
     assert set(templates) == expected
     for where, template in templates.items():
         assert restricted_violations(template["spec"]) == [], where
@@ -404,12 +408,12 @@ def test_no_secret_is_rendered_and_credentials_come_from_the_named_secrets(chart
             for name, item in env.items():
                 if SECRET_ENV_NAME.search(name) and name not in ("RAY_TLS_SERVER_KEY",):
                     assert "value" not in item, f"{where}: {name} has a plaintext value"
-            if container["name"] in ("ray-head", "controllers", "ray-worker"):
+            if container["name"] in ("ray-head", "controllers", "ray-worker", "api"):
                 ray_containers += 1
                 for name, reference in expected_refs.items():
                     assert env[name]["valueFrom"]["secretKeyRef"] == reference, f"{where}/{container['name']}: {name}"
                 assert env["RAY_AUTH_MODE"]["value"] == "token"
-    assert ray_containers == 4
+    assert ray_containers == (4 if values_name == "ci" else 5)
     assert secret_like_lines(rendered) == []
 
 
@@ -485,13 +489,19 @@ def test_network_is_default_deny_with_explicit_allows(chart):
     assert store_rule and store_rule[0]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "minio"
 
     head = policies[f"{FULLNAME}-head"]
-    metrics_rule, clients_rule = head["ingress"]
+    metrics_rule, clients_rule, api_rule = head["ingress"]
     assert {port["port"] for port in metrics_rule["ports"]} == {9400, 9401}
     assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     assert {port["port"] for port in clients_rule["ports"]} == {8265, 10001}
 
+    api_labels = {"app.kubernetes.io/name": "headshots", "app.kubernetes.io/instance": RELEASE,
+                  "app.kubernetes.io/component": "api"}
+    assert api_rule == {"from": [{"podSelector": {"matchLabels": api_labels}}],
+                        "ports": [{"port": 10001, "protocol": "TCP"}]}
+
     minio = policies[f"{FULLNAME}-minio"]
-    assert minio["ingress"] == [{"from": [{"podSelector": {"matchLabels": ray_labels}}],
+    assert minio["ingress"] == [{"from": [{"podSelector": {"matchLabels": ray_labels}},
+                                          {"podSelector": {"matchLabels": api_labels}}],
                                  "ports": [{"port": 9000, "protocol": "TCP"}]}]
 
     # By default no one outside the cluster's pods reaches the dashboard or job API.
@@ -544,8 +554,11 @@ def test_the_chart_ships_the_same_rules_and_dashboard_as_monitoring(chart_copy, 
 
 def test_the_app_loads_the_rendered_config_policy_and_environment(chart, tmp_path):
     values = with_values({"training": {"steps": 800, "learningRate": 0.0001, "resolution": 512},
-                          "store": {"buckets": {"outputs": "acme-outputs"}},
-                          "retention": {"sweepIntervalSeconds": 600}})
+                          "store": {"buckets": {"outputs": "acme-outputs"}, "publicEndpoint": "s3.example.com:443"},
+                          "retention": {"sweepIntervalSeconds": 600},
+                          "api": {"baseModels": ["s3://headshots-models/base/sd15"], "defaultRateLimitPerSecond": 2.5,
+                                  "defaultMaxConcurrentBatches": 3},
+                          "webhooks": {"maxAttempts": 7, "timeoutSeconds": 2.5}})
     documents = manifests(render(chart, values))
     config_map = only(documents, "ConfigMap", f"{FULLNAME}-config")
     mounted = tmp_path / "etc-headshots"
@@ -577,6 +590,11 @@ def test_the_app_loads_the_rendered_config_policy_and_environment(chart, tmp_pat
     assert (config.training.steps, config.training.learning_rate, config.training.resolution) == (800, 1e-4, 512)
     assert (config.metrics.host, config.metrics.port) == ("0.0.0.0", 9400)
     assert config.retention.sweep_interval_s == 600
+    assert (config.store.public_endpoint, config.store.public_secure) == ("s3.example.com:443", True)
+    assert config.api.base_models == ["s3://headshots-models/base/sd15"]
+    assert (config.api.default_rate_limit_per_s, config.api.default_max_concurrent_batches) == (2.5, 3)
+    assert (config.webhooks.max_attempts, config.webhooks.timeout_s) == (7, 2.5)
+    assert config.webhooks.allow_private_addresses is False
     # It joins the cluster it runs in instead of starting a local Ray head.
     assert config.ray.address == "127.0.0.1:6379"
 
@@ -617,10 +635,21 @@ def test_a_tenant_policy_with_kept_classes_loads_and_keep_becomes_null(chart, tm
      'metrics.serviceMonitor.enabled is true but metrics.service.enabled is false'),
     ({"head": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}}},
      'head.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution cannot be set while head.avoidSpotNodes'),
+    ({"api": {"enabled": True, "ingress": {"enabled": True, "tls": {"secretName": "api-tls"}}}},
+     'api.ingress.host must be the host name studios use'),
+    ({"api": {"enabled": True, "ingress": {"enabled": True, "host": "api.example.com"}}},
+     'api.ingress.tls.secretName must name a Secret with the certificate for "api.example.com"'),
+    ({"store": {"publicEndpoint": "https://s3.example.com"}},
+     'store.publicEndpoint must be host:port without a scheme or path but is "https://s3.example.com"'),
+    ({"store": {"publicEndpoint": "s3.example.com:80", "publicSecure": False}},
+     'store.publicSecure must be true for store.publicEndpoint "s3.example.com:80"'),
+    ({"webhooks": {"firstRetryDelaySeconds": 10, "maxRetryDelaySeconds": 1}},
+     'webhooks.maxRetryDelaySeconds (1) must not be less than webhooks.firstRetryDelaySeconds (10)'),
 ], ids=["insecure-store", "no-store-secret", "no-master-key-secret", "no-ray-token-secret", "ray-tls-no-ca",
         "no-endpoint", "endpoint-with-scheme", "minio-and-endpoint", "minio-without-tls", "gpu-replicas-out-of-range",
         "cpu-replicas-out-of-range", "same-group-names", "same-metrics-ports", "monitor-without-service",
-        "head-affinity-clash"])
+        "head-affinity-clash", "api-ingress-no-host", "api-ingress-no-tls", "public-endpoint-with-scheme",
+        "public-endpoint-insecure", "webhook-delays-reversed"])
 def test_validate_config_refuses_unsafe_values_naming_the_key(chart, overrides, message):
     with pytest.raises(helm.HelmRenderError) as raised:
         render(chart, with_values(overrides))
@@ -656,6 +685,135 @@ def test_notes_say_how_to_submit_a_batch(chart):
     text = notes(render(chart, ci_values()))
     assert f"-l ray.io/cluster={FULLNAME},ray.io/node-type=head" in text
     assert "exec -it $HEAD -c ray-head -- headshots submit /tmp/batch/team.yaml --watch" in text
+
+
+# --- the studio API -----------------------------------------------------------------------------------
+
+API_ENABLED = {"api": {"enabled": True}}
+API_LABELS = {"app.kubernetes.io/name": "headshots", "app.kubernetes.io/instance": RELEASE,
+              "app.kubernetes.io/component": "api"}
+
+
+def test_the_api_is_off_until_enabled(chart):
+    documents = manifests(render(chart, ci_values()))
+    assert not [doc for doc in documents if doc["kind"] in ("Deployment", "Ingress")
+                or doc["metadata"]["name"] == f"{FULLNAME}-api"]
+    head = only(documents, "NetworkPolicy", f"{FULLNAME}-head")["spec"]
+    assert all(rule["ports"] != [{"port": 10001, "protocol": "TCP"}] for rule in head["ingress"])
+
+
+def test_the_api_serves_with_the_heads_config_and_secrets_as_a_restricted_pod(chart):
+    documents = manifests(render(chart, with_values(API_ENABLED)))
+    deployment = only(documents, "Deployment", f"{FULLNAME}-api")
+    template = deployment["spec"]["template"]
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["selector"]["matchLabels"] == API_LABELS
+    assert API_LABELS.items() <= template["metadata"]["labels"].items()
+    assert restricted_violations(template["spec"]) == []
+    assert template["spec"]["automountServiceAccountToken"] is False
+    [container] = template["spec"]["containers"]
+    assert container["command"] == ["headshots", "serve", "--host", "0.0.0.0", "--port", "8080"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"]["limits"]["memory"] == "2Gi"
+    assert {port["name"]: port["containerPort"] for port in container["ports"]} == {"http": 8080}
+    # No health route in the app: the probes read the OpenAPI document, which needs no API key.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/openapi.json", "port": "http"}, probe
+
+    # The same config and Secrets as the head; Ray through the head Service's client port.
+    head = only(documents, "RayCluster")["spec"]["headGroupSpec"]["template"]
+    head_env = {item["name"]: item for item in head["spec"]["containers"][0]["env"]}
+    env = {item["name"]: item for item in container["env"]}
+    for name in ("HEADSHOTS_CONFIG", "HEADSHOTS_STORE_ACCESS_KEY", "HEADSHOTS_STORE_SECRET_KEY",
+                 "HEADSHOTS_SECURITY_MASTER_KEY", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        assert env[name] == head_env[name], name
+    for name, item in env.items():
+        if SECRET_ENV_NAME.search(name):
+            assert "value" not in item, f"{name} has a plaintext value"
+    assert env["HEADSHOTS_RAY_ADDRESS"]["value"] == f"ray://{FULLNAME}-head-svc.{NAMESPACE}.svc:10001"
+    assert template["metadata"]["annotations"]["checksum/config"] == head["metadata"]["annotations"]["checksum/config"]
+    volumes = {volume["name"]: volume for volume in template["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == f"{FULLNAME}-config"
+    assert "emptyDir" in volumes["tmp"]
+
+    service = only(documents, "Service", f"{FULLNAME}-api")["spec"]
+    assert service["type"] == "ClusterIP" and service["selector"] == API_LABELS
+    assert service["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+    assert not [doc for doc in documents if doc["kind"] == "Ingress"]
+    assert "Rate limits are per API pod: a tenant gets up to 2 × its rate_limit_per_s" in notes(
+        render(chart, with_values(API_ENABLED)))
+
+
+def test_the_api_ingress_is_tls_only_and_leads_to_the_api_service(chart):
+    documents = manifests(render(chart, full_values()))
+    ingress = only(documents, "Ingress")["spec"]
+    assert ingress["ingressClassName"] == "nginx"
+    assert ingress["tls"] == [{"hosts": ["api.headshots.example.com"], "secretName": "headshots-api-tls"}]
+    [rule] = ingress["rules"]
+    assert rule["host"] == "api.headshots.example.com"
+    assert [path["backend"]["service"] for path in rule["http"]["paths"]] == [
+        {"name": f"{FULLNAME}-api", "port": {"name": "http"}}]
+
+
+def test_the_api_network_policy_admits_callers_and_reaches_only_dns_the_store_and_ray(chart):
+    documents = manifests(render(chart, with_values(API_ENABLED)))
+    policy = only(documents, "NetworkPolicy", f"{FULLNAME}-api")["spec"]
+    assert policy["podSelector"]["matchLabels"] == API_LABELS
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["ingress"] == [{"from": [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "ingress-nginx"}}}], "ports": [{"port": 8080, "protocol": "TCP"}]}]
+    reached = [(tuple(port["port"] for port in rule["ports"]), rule.get("to")) for rule in policy["egress"]]
+    assert [ports for ports, _ in reached] == [(53, 53), (9000,), (10001,)]
+    assert reached[2][1] == [{"podSelector": {"matchLabels": {"ray.io/cluster": FULLNAME, "ray.io/node-type": "head"}}}]
+    head = only(documents, "NetworkPolicy", f"{FULLNAME}-head")["spec"]
+    assert {"from": [{"podSelector": {"matchLabels": API_LABELS}}],
+            "ports": [{"port": 10001, "protocol": "TCP"}]} in head["ingress"]
+
+    # Callers are configurable; [] admits no one.
+    closed = manifests(render(chart, with_values({**API_ENABLED, "networkPolicy": {"apiFrom": []}})))
+    assert "ingress" not in only(closed, "NetworkPolicy", f"{FULLNAME}-api")["spec"]
+
+
+# --- webhook egress -----------------------------------------------------------------------------------
+
+def _egress_allows(policy: dict[str, Any], address: str, port: int) -> bool:
+    ip = ipaddress.ip_address(address)
+    for rule in policy["egress"]:
+        if port not in {p["port"] for p in rule["ports"]}:
+            continue
+        for peer in rule["to"]:
+            block = peer["ipBlock"]
+            network = ipaddress.ip_network(block["cidr"])
+            if ip.version == network.version and ip in network and not any(
+                    ip in ipaddress.ip_network(excluded) for excluded in block.get("except", [])):
+                return True
+    return False
+
+
+def test_webhook_egress_is_off_until_enabled_and_then_reaches_public_https_only(chart):
+    ci = render(chart, ci_values())
+    assert not [doc for doc in manifests(ci) if doc["metadata"]["name"] == f"{FULLNAME}-webhooks"]
+    assert "BLOCKED: the default-deny NetworkPolicy lets the head pod reach no receiver" in notes(ci)
+
+    policy = only(manifests(render(chart, full_values())), "NetworkPolicy", f"{FULLNAME}-webhooks")["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"ray.io/cluster": FULLNAME, "ray.io/node-type": "head"}
+    assert policy["policyTypes"] == ["Egress"]
+    assert _egress_allows(policy, "93.184.216.34", 443)
+    assert _egress_allows(policy, "2606:2800:220:1:248:1893:25c8:1946", 443)
+    assert not _egress_allows(policy, "93.184.216.34", 80)
+    for internal in ("10.1.2.3", "172.20.0.1", "192.168.0.10", "169.254.169.254", "100.64.0.1", "127.0.0.1",
+                     "fd00::1", "fe80::1", "::1", "::ffff:10.0.0.1"):
+        assert not _egress_allows(policy, internal, 443), internal
+
+
+def test_blocked_webhooks_and_private_receivers_are_warned_about(chart):
+    text = notes(render(chart, with_values(API_ENABLED)))
+    assert "WARNING: WEBHOOK DELIVERIES ARE BLOCKED" in text
+    assert "WARNING" not in notes(render(chart, with_values({**API_ENABLED, "webhooks": {"egress": {"enabled": True}}})))
+    rendered = render(chart, with_values({"webhooks": {"allowPrivateAddresses": True}}))
+    assert "WARNING: webhooks.allowPrivateAddresses=true" in notes(rendered)
+    config = yaml.safe_load(only(manifests(rendered), "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    assert config["webhooks"]["allow_private_addresses"] is True
 
 
 # --- Ray gRPC TLS -------------------------------------------------------------------------------------

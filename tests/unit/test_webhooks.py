@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from cluster.webhooks import (EVENT_TYPES, WebhookEvent, new_event, parse_webhooks, sign, url_problem,
-                              verify_signature)
-from headshots.config import Config, ConfigError
+from cluster import webhooks
+from cluster.webhooks import (EVENT_TYPES, ReceiverRefused, WebhookDispatcher, WebhookEvent, address_problem,
+                              new_event, parse_webhooks, receiver_addresses, sign, url_problem, verify_signature)
+from headshots.config import Config, ConfigError, WebhooksConfig
+from monitoring.metrics import create_webhook_metrics
 from headshots.manifest import ManifestError, parse_manifest
 
 SECRET = "whsec-test-0123456789"
@@ -132,3 +136,121 @@ def test_the_webhooks_config_section_names_key_and_value():
         Config.from_dict({"webhooks": {"timeout_s": 600}})
     with pytest.raises(ConfigError, match="webhooks.max_retry_delay_s .* must not be less than"):
         Config.from_dict({"webhooks": {"first_retry_delay_s": 10, "max_retry_delay_s": 1}})
+    assert Config.from_dict({}).webhooks.allow_private_addresses is False
+
+
+# --- receiver addresses (SSRF guard): a stub resolver, no network ----------------------------------
+
+PUBLIC_V4, PUBLIC_V6 = "93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"
+
+
+def stub_resolver(*addresses: str):
+    """A resolver that answers ``addresses`` for any host and records what it was asked."""
+    def resolve(host: str, port: int) -> list[str]:
+        resolve.asked.append((host, port))
+        return list(addresses)
+    resolve.asked = []
+    return resolve
+
+
+@pytest.mark.parametrize(("address", "kind"), [
+    ("10.1.2.3", "private"),
+    ("172.16.0.9", "private"),
+    ("192.168.1.20", "private"),
+    ("169.254.169.254", "link-local"),  # the cloud metadata service
+    ("127.0.0.1", "loopback"),
+    ("::1", "loopback"),
+    ("0.0.0.0", "unspecified"),
+    ("224.0.0.251", "multicast"),
+    ("240.0.0.1", "reserved"),
+    ("100.64.0.1", "not globally routable"),
+    ("fd00::1", "private"),
+    ("fe80::1%eth0", "link-local"),
+    ("::ffff:10.0.0.1", "private, as 10.0.0.1"),
+    ("64:ff9b::a9fe:a9fe", "link-local, as 169.254.169.254"),
+    ("2002:a00:1::", "private, as 10.0.0.1"),
+])
+def test_addresses_that_are_not_public_unicast_are_named_by_kind(address, kind):
+    assert address_problem(address) == kind
+
+
+@pytest.mark.parametrize("address", [PUBLIC_V4, PUBLIC_V6, "8.8.8.8", "::ffff:93.184.216.34"])
+def test_public_unicast_addresses_pass(address):
+    assert address_problem(address) is None
+
+
+@pytest.mark.parametrize(("url", "answer", "expected"), [
+    ("https://hooks.example/h", "10.0.0.5", "hooks.example resolves to 10.0.0.5 (private)"),
+    ("https://metadata.example/latest", "169.254.169.254", "metadata.example resolves to 169.254.169.254 (link-local)"),
+    ("http://[::1]:8265/api/jobs/", "::1", "::1 resolves to ::1 (loopback)"),
+    ("http://127.0.0.1:9400/metrics", "127.0.0.1", "127.0.0.1 resolves to 127.0.0.1 (loopback)"),
+])
+def test_a_receiver_resolving_to_a_private_address_is_refused(url, answer, expected):
+    with pytest.raises(ReceiverRefused, match=re.escape(expected)):
+        receiver_addresses(url, allow_private=False, resolve=stub_resolver(answer))
+
+
+def test_one_private_answer_among_public_ones_refuses_the_host():
+    # A name that also answers a private address could be picked on that one (or rebound to it).
+    with pytest.raises(ReceiverRefused, match=r"resolves to 10\.0\.0\.5"):
+        receiver_addresses("https://hooks.example/h", allow_private=False,
+                           resolve=stub_resolver(PUBLIC_V4, "10.0.0.5"))
+
+
+def test_a_public_receiver_passes_and_its_addresses_are_the_ones_connected_to():
+    resolve = stub_resolver(PUBLIC_V4, PUBLIC_V6)
+    assert receiver_addresses("https://hooks.example/h?t=1", allow_private=False, resolve=resolve) == [
+        PUBLIC_V4, PUBLIC_V6]
+    assert resolve.asked == [("hooks.example", 443)]
+    receiver_addresses("http://hooks.example:8080/h", allow_private=False, resolve=resolve)
+    assert resolve.asked[-1] == ("hooks.example", 8080)
+
+
+def test_the_switch_allows_private_receivers_and_an_empty_answer_is_a_retryable_error():
+    assert receiver_addresses("http://127.0.0.1:9/h", allow_private=True, resolve=stub_resolver("127.0.0.1")) == [
+        "127.0.0.1"]
+    with pytest.raises(OSError, match="resolves to no address"):
+        receiver_addresses("https://hooks.example/h", allow_private=False, resolve=stub_resolver())
+
+
+class _RecordsOnlyStore:
+    """Just enough of ArtifactStore for a delivery's pending record (no server)."""
+
+    def __init__(self):
+        self.records: dict[str, dict] = {}
+
+    def put_json(self, bucket, key, document, **_):
+        self.records[key] = document
+
+    def list_versions(self, bucket, prefix):
+        return [(key, "v1", None) for key in self.records if key.startswith(prefix)]
+
+    def remove_version(self, bucket, key, *, version_id):
+        self.records.pop(key, None)
+
+
+def test_a_refused_delivery_is_given_up_at_once_counted_as_failed_and_logged_by_host(monkeypatch, caplog):
+    def no_connection(*args, **kwargs):
+        raise AssertionError("a refused receiver must not be connected to")
+
+    monkeypatch.setattr(webhooks, "post", no_connection)
+    store = _RecordsOnlyStore()
+    registry = CollectorRegistry()
+    dispatcher = WebhookDispatcher(store, WebhooksConfig(max_attempts=5, first_retry_delay_s=0.01),
+                                   source="unit", metrics=create_webhook_metrics(registry),
+                                   resolve=stub_resolver("169.254.169.254"))
+    event = new_event("batch.completed", tenant="acme", batch_id="b1", state="done", facts=["t1"])
+    with caplog.at_level(logging.WARNING, logger="cluster.webhooks"):
+        try:
+            dispatcher.emit(event, [{"url": "https://hooks.example/path?token=receiver-secret"}])
+            assert dispatcher.wait_idle(5)
+        finally:
+            dispatcher.stop()
+    value = registry.get_sample_value
+    assert value("webhook_deliveries_total", {"event": "batch.completed", "outcome": "failed"}) == 1
+    assert value("webhook_deliveries_total", {"event": "batch.completed", "outcome": "retried"}) == 0
+    assert store.records == {}  # the pending record is gone: nothing is retried after a restart
+    [line] = [record.getMessage() for record in caplog.records if "refused" in record.getMessage()]
+    assert "hooks.example resolves to 169.254.169.254 (link-local)" in line
+    assert "webhooks.allow_private_addresses" in line
+    assert "token" not in line and "/path" not in line

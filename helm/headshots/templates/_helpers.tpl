@@ -124,6 +124,43 @@ seccompProfile:
 {{- if include "headshots.storeCaSecret" . }}/etc/headshots/store-ca/ca.crt{{ end }}
 {{- end }}
 
+{{/* Egress rules to cluster DNS and to the object store (its port; the chart's MinIO by label). */}}
+{{- define "headshots.dnsAndStoreEgress" -}}
+- to:
+    {{- toYaml .Values.networkPolicy.dnsTo | nindent 4 }}
+  ports:
+    - {port: 53, protocol: UDP}
+    - {port: 53, protocol: TCP}
+# The object store.
+- ports:
+    - port: {{ include "headshots.storePort" . | int }}
+      protocol: TCP
+  {{- if .Values.store.minio.enabled }}
+  to:
+    - podSelector:
+        matchLabels:
+          {{- include "headshots.selectorLabels" . | nindent 10 }}
+          app.kubernetes.io/component: minio
+  {{- else if .Values.networkPolicy.storeTo }}
+  to:
+    {{- toYaml .Values.networkPolicy.storeTo | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/* Labels that select the studio API's pods. */}}
+{{- define "headshots.apiSelectorLabels" -}}
+{{ include "headshots.selectorLabels" . }}
+app.kubernetes.io/component: api
+{{- end }}
+
+{{/*
+The Ray address of the API pods: the Ray client port of KubeRay's head Service (the API pods are not
+Ray nodes, so they connect as Ray clients).
+*/}}
+{{- define "headshots.apiRayAddress" -}}
+{{- printf "ray://%s-head-svc.%s.svc:10001" (include "headshots.fullname" .) .Release.Namespace }}
+{{- end }}
+
 {{/* Labels that select the release's Ray pods (KubeRay puts ray.io/cluster on every pod it creates). */}}
 {{- define "headshots.raySelectorLabels" -}}
 ray.io/cluster: {{ include "headshots.fullname" . }}
@@ -462,6 +499,27 @@ names the key path, its value and what is allowed.
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled is true but metrics.service.enabled is false: the ServiceMonitor scrapes through that Service; enable both or neither" }}
+{{- end }}
+{{- with $store.publicEndpoint }}
+{{- if or (contains "://" .) (contains "/" .) }}
+{{- fail (printf "store.publicEndpoint must be host:port without a scheme or path but is %q; store.publicSecure chooses TLS" .) }}
+{{- end }}
+{{- if not $store.publicSecure }}
+{{- fail (printf "store.publicSecure must be true for store.publicEndpoint %q but is false: download URLs for headshots may only use TLS" .) }}
+{{- end }}
+{{- end }}
+{{- with .Values.api.ingress }}
+{{- if and $.Values.api.enabled .enabled }}
+{{- if not .host }}
+{{- fail (printf "api.ingress.host must be the host name studios use (e.g. api.headshots.example.com) while api.ingress.enabled is true, but is %q" (toString .host)) }}
+{{- end }}
+{{- if not .tls.secretName }}
+{{- fail (printf "api.ingress.tls.secretName must name a Secret with the certificate for %q while api.ingress.enabled is true (the API takes API keys and photos: TLS only), but is %q" .host (toString .tls.secretName)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if lt (float64 .Values.webhooks.maxRetryDelaySeconds) (float64 .Values.webhooks.firstRetryDelaySeconds) }}
+{{- fail (printf "webhooks.maxRetryDelaySeconds (%v) must not be less than webhooks.firstRetryDelaySeconds (%v)" .Values.webhooks.maxRetryDelaySeconds .Values.webhooks.firstRetryDelaySeconds) }}
 {{- end }}
 {{- if and .Values.head.avoidSpotNodes (dig "nodeAffinity" "requiredDuringSchedulingIgnoredDuringExecution" "" .Values.head.affinity) }}
 {{- fail "head.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution cannot be set while head.avoidSpotNodes is true (the chart sets it to keep the head off spot nodes): use head.nodeSelector, a preferred nodeAffinity, or head.avoidSpotNodes=false" }}
