@@ -325,42 +325,63 @@ class GpuWorker:
         records, distances, flags = [], [], []
         regenerated = 0
         extra_by_style = dict(job.extra_by_style)
+        batch_size = self.config.generation.batch_size
+
+        def run_round(round_styles, count: int, skip: set, candidates_by_style: dict) -> None:
+            for image in generate.generate_headshots(
+                    pipe, lora_bytes, subject=subject, styles=round_styles, images_per_style=count,
+                    person_id=job.person_id, batch_size=batch_size, skip=skip, size_override=size_override):
+                quality = judge(image.image)
+                if quality.get("identity_distance") is not None:
+                    distances.append(quality["identity_distance"])
+                candidates_by_style[image.style].append((quality, image))
+
+        # What each style lacks, and its first round: exactly the missing images (checked: the first
+        # indices whose seeds are not stored yet; unchecked: one image per missing slot, with the
+        # slot's own seed, so a retry reproduces it exactly).
+        plans, first_round = {}, {}
         for style in styles:
             wanted = job.images_per_style + extra_by_style.get(style.name, 0)
             done = {slot: (seed, key) for (name, slot), (seed, key) in stored_slots.items() if name == style.name}
-            for slot, (seed, key) in sorted(done.items()):  # kept from an interrupted attempt
-                quality = judge(_open_image(scope.get("outputs", key))) if checked else faces.not_applicable()
-                records.append(_record(style, slot, seed, key, subject, 0.0, quality))
             missing_slots = [slot for slot in range(wanted) if slot not in done]
-            if not missing_slots:
-                continue
             used_seeds = {seed for seed, _ in done.values()}
             budget = max(len(missing_slots), math.ceil(self.config.ingest.regeneration_budget * wanted)) \
                 if checked else len(missing_slots)
-            candidates = []
-
-            def run_round(count: int, skip: set) -> None:
-                for image in generate.generate_headshots(
-                        pipe, lora_bytes, subject=subject, styles=[style], images_per_style=count,
-                        person_id=job.person_id, batch_size=self.config.generation.batch_size, skip=skip,
-                        size_override=size_override):
-                    quality = judge(image.image)
-                    if quality.get("identity_distance") is not None:
-                        distances.append(quality["identity_distance"])
-                    candidates.append((quality, image))
-
-            if not checked:
-                # One image per missing slot, with the slot's own seed: a retry reproduces it exactly.
-                run_round(wanted, {(style.name, i) for i in range(wanted) if i not in missing_slots})
+            plans[style.name] = (wanted, done, missing_slots, used_seeds, budget)
+            if not missing_slots:
+                continue
+            if checked:
+                upto = min(budget, len(missing_slots))
+                first_round[style.name] = (upto, {i for i in range(upto)
+                                                  if generate.seed_for(job.person_id, style.name, i) in used_seeds})
             else:
-                next_index = 0
+                first_round[style.name] = (wanted, {i for i in range(wanted) if i not in missing_slots})
+        candidates_by_style = {style.name: [] for style in styles}
+        if first_round:
+            # One call for every style's first round: images of different styles share batches.
+            count = max(upto for upto, _ in first_round.values())
+            skip = {(name, i) for name, (upto, skipped) in first_round.items()
+                    for i in range(count) if i >= upto or i in skipped}
+            run_round([style for style in styles if style.name in first_round], count, skip, candidates_by_style)
+
+        for style in styles:
+            wanted, done, missing_slots, used_seeds, budget = plans[style.name]
+            for slot, (seed, key) in sorted(done.items()):  # kept from an interrupted attempt
+                quality = judge(_open_image(scope.get("outputs", key))) if checked else faces.not_applicable()
+                records.append(_record(style, slot, seed, key, subject, 0.0, quality))
+            if not missing_slots:
+                continue
+            candidates = candidates_by_style[style.name]
+            if checked:
+                next_index = first_round[style.name][0]
                 while next_index < budget and _passing(candidates) < len(missing_slots):
                     shortfall = len(missing_slots) - _passing(candidates)
-                    # First round: exactly what is missing; later rounds: twice the shortfall (most
-                    # candidates pass with a good LoRA, so a small top-up usually suffices).
-                    upto = min(budget, next_index + (shortfall if not candidates else 2 * shortfall))
-                    run_round(upto, {(style.name, i) for i in range(upto) if i < next_index
-                                     or generate.seed_for(job.person_id, style.name, i) in used_seeds})
+                    # Later rounds: twice the shortfall (most candidates pass with a good LoRA, so a
+                    # small top-up usually suffices).
+                    upto = min(budget, next_index + 2 * shortfall)
+                    run_round([style], upto, {(style.name, i) for i in range(upto) if i < next_index
+                                              or generate.seed_for(job.person_id, style.name, i) in used_seeds},
+                              candidates_by_style)
                     next_index = upto
             # Best first: passing images, then by identity distance (the closest look most like them).
             candidates.sort(key=lambda c: (c[0]["status"] == "fail", c[0].get("identity_distance") or 0.0))

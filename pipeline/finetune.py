@@ -36,7 +36,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from pipeline.models import is_sdxl
+from pipeline.models import eager_unet, is_sdxl, optimizations_of
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ TRAIN_ADAPTER_NAME = "headshots_train"
 # Images are VAE-encoded in chunks of this many so 20 photos at 1024 px do not need 20x the
 # activation memory of one.
 _VAE_ENCODE_CHUNK = 4
+
+# Steps whose random inputs are drawn and copied to the device at once, and whose losses are read
+# back at once: one host-device synchronisation per chunk instead of two per step, so the GPU is
+# not left idle while Python launches the next step.
+_STEP_CHUNK = 25
 
 _CACHE_FORMAT = "headshots-training-cache/1"
 _CHECKPOINT_FORMAT = "headshots-train-checkpoint/1"
@@ -290,7 +295,7 @@ def prepare_training_cache(
         pixels = torch.cat([pixels, pixels.flip(-1)])
     latents = _encode_latents(pipe, pixels)
 
-    device = pipe.unet.device
+    device = eager_unet(pipe).device
     with torch.no_grad():
         if is_sdxl(pipe):
             prompt_embeds, _, pooled, _ = pipe.encode_prompt(
@@ -419,11 +424,18 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def _check_train_inputs(pipe: DiffusionPipeline, cache: TrainingCache, config: TrainConfig) -> None:
-    unet = pipe.unet
+    unet = eager_unet(pipe)
     if getattr(unet, "peft_config", None):
         raise RuntimeError(
             f"pipe.unet already has LoRA adapters {sorted(unet.peft_config)}; training on top of them "
             "would bake them into this person's LoRA. Call pipe.unload_lora_weights() first"
+        )
+    from pipeline.generate import has_merged_lora  # generate does not import this module: no cycle
+
+    if has_merged_lora(pipe):
+        raise RuntimeError(
+            "a LoRA is merged into the pipe's weights (a generation is still running or was not closed); "
+            "training on top of it would bake it into this person's LoRA"
         )
     if cache.latents.ndim != 4 or cache.latents.shape[0] == 0:
         raise ValueError(f"cache.latents must have shape (N, C, h, w) with N >= 1 but has {tuple(cache.latents.shape)}")
@@ -475,7 +487,7 @@ def _autocast_dtype(unet: torch.nn.Module, device: torch.device) -> torch.dtype 
 
 def _lora_file_bytes(pipe: DiffusionPipeline, lora_config: LoraConfig) -> bytes:
     """Write the trained adapter with diffusers' own writer, so the file is the standard format."""
-    state = get_peft_model_state_dict(pipe.unet, adapter_name=TRAIN_ADAPTER_NAME)
+    state = get_peft_model_state_dict(eager_unet(pipe), adapter_name=TRAIN_ADAPTER_NAME)
     state = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in state.items()}
     metadata = lora_config.to_dict()
     with TemporaryDirectory(prefix="headshots-lora-") as tmp:
@@ -510,6 +522,14 @@ def train_lora(
     outlives the call: the base UNet's parameters are left with ``requires_grad=False`` (a resident
     inference model never needs gradients); their values are never changed.
 
+    On a pipe optimised by :func:`pipeline.models.optimize_pipeline`, training runs on the eager
+    UNet (a compiled one would recompile for every person's new adapter layers) and, when its
+    projections are fused, with the unfused attention processors (the fused ones would bypass the
+    adapter on ``to_q/k/v``); the very same processor objects are put back afterwards, so a
+    compiled generation graph stays valid. On CUDA the optimizer is the fused AdamW, and the
+    loss is read back (and checked for NaN/inf) once per chunk of steps, unless ``on_step`` wants
+    it every step.
+
     Args:
         pipe: The resident base pipeline (SD1.5-style or SDXL) with no LoRA loaded.
         cache: From :func:`prepare_training_cache`, made at ``config.resolution``.
@@ -533,7 +553,7 @@ def train_lora(
     """
     started = time.perf_counter()
     _check_train_inputs(pipe, cache, config)
-    unet = pipe.unet
+    unet = eager_unet(pipe)
     device = unet.device
     autocast_dtype = _autocast_dtype(unet, device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -555,6 +575,10 @@ def train_lora(
     # Base weights are frozen once and for all; only the adapter created below gets gradients.
     unet.requires_grad_(False)
     adapter_added = False
+    fused_processors = None
+    if optimizations_of(pipe).fuse_qkv and getattr(unet, "original_attn_processors", None):
+        fused_processors = unet.attn_processors
+        unet.set_attn_processor(dict(unet.original_attn_processors))
     try:
         # Seed the adapter's initialisation without disturbing the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
@@ -565,7 +589,8 @@ def train_lora(
         for param in trainable.values():
             # float32 master weights: the Adam update of a float16/bfloat16 weight rounds to nothing.
             param.data = param.data.float()
-        optimizer = torch.optim.AdamW(trainable.values(), lr=config.learning_rate)
+        # Fused AdamW: one kernel for all the adapter's small tensors instead of several per tensor.
+        optimizer = torch.optim.AdamW(trainable.values(), lr=config.learning_rate, fused=device.type == "cuda")
         scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
 
         start_step, last_loss = 0, float("nan")
@@ -598,35 +623,59 @@ def train_lora(
                 "time_ids": cache.add_time_ids.to(device=device, dtype=unet.dtype),
             }
 
-        for step in range(start_step, config.steps):
-            if should_stop is not None and should_stop():
-                raise TrainingStopped(step, config.steps, checkpoint(step, last_loss))
-            last_loss = _train_step(
-                unet=unet,
-                optimizer=optimizer,
-                scaler=scaler,
-                noise_scheduler=noise_scheduler,
-                params=list(trainable.values()),
-                latents=latents,
-                prompt_embeds=prompt_embeds,
-                added_cond=added_cond,
-                generator=_step_generator(config.seed, step),
-                batch_size=config.batch_size,
-                num_train_timesteps=num_train_timesteps,
-                prediction_type=prediction_type,
-                autocast_dtype=autocast_dtype,
-                max_grad_norm=config.max_grad_norm,
+        params = list(trainable.values())
+        pending: list[tuple[int, torch.Tensor]] = []  # (step number, loss on the device) not read yet
+
+        def read_losses() -> float:
+            """Read the pending losses back (one sync); raise on the first that is not finite."""
+            nonlocal pending
+            if not pending:
+                return last_loss
+            values = torch.stack([loss for _, loss in pending]).tolist()
+            for (step_number, _), value in zip(pending, values):
+                if not math.isfinite(value):
+                    raise RuntimeError(
+                        f"training loss became {value} at step {step_number}; lower `learning_rate` "
+                        f"(now {config.learning_rate:g})"
+                    )
+            pending = []
+            return values[-1]
+
+        for chunk_start in range(start_step, config.steps, _STEP_CHUNK):
+            chunk_steps = range(chunk_start, min(chunk_start + _STEP_CHUNK, config.steps))
+            inputs = _step_inputs(
+                config.seed, chunk_steps, latent_count=latents.shape[0], latent_shape=tuple(latents.shape[1:]),
+                batch_size=config.batch_size, num_train_timesteps=num_train_timesteps, device=device,
             )
-            if not math.isfinite(last_loss):
-                raise RuntimeError(
-                    f"training loss became {last_loss} at step {step + 1}; lower `learning_rate` "
-                    f"(now {config.learning_rate:g})"
-                )
-            done = step + 1
-            if on_step is not None:
-                on_step(done, last_loss)
-            if on_checkpoint is not None and done % config.checkpoint_every == 0:
-                on_checkpoint(checkpoint(done, last_loss))
+            for offset, step in enumerate(chunk_steps):
+                if should_stop is not None and should_stop():
+                    last_loss = read_losses()
+                    raise TrainingStopped(step, config.steps, checkpoint(step, last_loss))
+                picks, noise, timesteps = (tensor[offset] for tensor in inputs)
+                pending.append((step + 1, _train_step(
+                    unet=unet,
+                    optimizer=optimizer,
+                    scaler=scaler,
+                    noise_scheduler=noise_scheduler,
+                    params=params,
+                    clean=latents[picks],
+                    noise=noise,
+                    timesteps=timesteps,
+                    prompt_embeds=prompt_embeds,
+                    added_cond=added_cond,
+                    prediction_type=prediction_type,
+                    autocast_dtype=autocast_dtype,
+                    max_grad_norm=config.max_grad_norm,
+                )))
+                done = step + 1
+                at_checkpoint = on_checkpoint is not None and done % config.checkpoint_every == 0
+                if on_step is not None or at_checkpoint:
+                    last_loss = read_losses()
+                if on_step is not None:
+                    on_step(done, last_loss)
+                if at_checkpoint:
+                    on_checkpoint(checkpoint(done, last_loss))
+            last_loss = read_losses()
 
         lora_bytes = _lora_file_bytes(pipe, lora_config)
     finally:
@@ -634,6 +683,8 @@ def train_lora(
             # Removes the LoRA wrapper layers and puts the original modules back: the shared
             # resident pipe must be exactly the base model again, whatever happened above.
             unet.unload_lora()
+        if fused_processors is not None:
+            unet.set_attn_processor(fused_processors)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -646,6 +697,34 @@ def train_lora(
     )
 
 
+def _step_inputs(
+    seed: int,
+    steps: range,
+    *,
+    latent_count: int,
+    latent_shape: tuple[int, ...],
+    batch_size: int,
+    num_train_timesteps: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image picks, noise and timesteps of several steps, stacked along a new first dimension.
+
+    Each step's values come from its own generator (:func:`_step_generator`), drawn on the CPU in a
+    fixed order: identical on every device, whatever the chunking, and on every replay of a step.
+    """
+    picks, noises, timesteps = [], [], []
+    for step in steps:
+        generator = _step_generator(seed, step)
+        picks.append(torch.randint(0, latent_count, (batch_size,), generator=generator))
+        noises.append(torch.randn((batch_size, *latent_shape), generator=generator))
+        timesteps.append(torch.randint(0, num_train_timesteps, (batch_size,), generator=generator))
+    stacked = (torch.stack(picks), torch.stack(noises), torch.stack(timesteps))
+    if device.type != "cuda":
+        return stacked
+    # Pinned memory makes the copies asynchronous: the GPU is still busy with the previous chunk.
+    return tuple(tensor.pin_memory().to(device, non_blocking=True) for tensor in stacked)
+
+
 def _train_step(
     *,
     unet: torch.nn.Module,
@@ -653,24 +732,18 @@ def _train_step(
     scaler: torch.amp.GradScaler,
     noise_scheduler: DDPMScheduler,
     params: list[torch.nn.Parameter],
-    latents: torch.Tensor,
+    clean: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
     prompt_embeds: torch.Tensor,
     added_cond: dict[str, torch.Tensor] | None,
-    generator: torch.Generator,
-    batch_size: int,
-    num_train_timesteps: int,
     prediction_type: str,
     autocast_dtype: torch.dtype | None,
     max_grad_norm: float,
-) -> float:
-    """One optimizer step of the denoising loss; returns the loss."""
-    device = latents.device
-    # All randomness is drawn on the CPU from this step's generator: identical on every device
-    # and on every replay of the step.
-    picks = torch.randint(0, latents.shape[0], (batch_size,), generator=generator)
-    noise = torch.randn((batch_size, *latents.shape[1:]), generator=generator).to(device)
-    timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator).to(device)
-    clean = latents[picks.to(device)]
+) -> torch.Tensor:
+    """One optimizer step of the denoising loss; returns the loss, detached, still on the device."""
+    device = clean.device
+    batch_size = clean.shape[0]
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
     target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(clean, noise, timesteps)
 
@@ -692,7 +765,7 @@ def _train_step(
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return loss.detach()
 
 
 def _optimizer_state_to_cpu(state: dict) -> dict:

@@ -3,11 +3,16 @@
 The steps of one person's generation, as :func:`generate_headshots` runs them:
 
 1. ``check_inputs``: styles, counts and the LoRA file are validated before the pipe is touched.
-2. The person's LoRA is swapped into the resident pipe (``load_lora_weights``; no pipeline reload).
-3. For each style, the images not yet stored are sampled in batches; every image has its own
-   generator seeded by :func:`seed_for`, so an image is reproducible whatever the batching and
+2. The person's LoRA is swapped into the resident pipe, without reloading the pipeline: either as
+   PEFT layers (``load_lora_weights``, the plain diffusers way) or merged into the attention
+   weights in place (``lora_mode="merge"``, what an optimised pipe needs: fused QKV projections
+   bypass PEFT layers, and a compiled UNet would recompile whenever PEFT layers come and go).
+3. Each style's prompt is encoded once; the images not yet stored are sampled in batches that mix
+   styles sharing steps, guidance and size (their prompt embeddings stacked). Every image has its
+   own generator seeded by :func:`seed_for`, so an image is reproducible whatever the batching and
    whichever images were skipped after a crash.
-4. The LoRA is unloaded again, always, so the next person gets the clean base model.
+4. The LoRA is removed again, always, so the next person gets the clean base model (a merged LoRA
+   by copying the saved base weights back: bit-exact).
 
 Style presets live in ``pipeline/styles.yaml`` and can be extended or overridden by a user YAML
 file of the same shape (see :func:`load_style_presets`).
@@ -32,6 +37,8 @@ import torch
 import yaml
 from diffusers import DiffusionPipeline
 
+from pipeline.models import eager_unet, is_sdxl, optimizations_of
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_STYLES_PATH = Path(__file__).with_name("styles.yaml")
@@ -43,8 +50,14 @@ SUBJECT_PLACEHOLDER = "{subject}"
 GENERATION_ADAPTER_NAME = "headshots_subject"
 """Adapter name of the person's LoRA while :func:`generate_headshots` runs."""
 
+LORA_MODES = ("auto", "peft", "merge")
+"""How :func:`generate_headshots` applies a person's LoRA (see its ``lora_mode``)."""
+
 _STYLE_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _MAX_SEED = 2**31 - 1
+# Set on the pipe while a LoRA is merged into its weights; the saved base weights live beside it.
+_MERGED_ATTR = "_headshots_merged_lora"
+_BASE_WEIGHTS_ATTR = "_headshots_base_weights"
 
 
 class StyleError(ValueError):
@@ -363,7 +376,10 @@ def _check_inputs(
     person_id: str,
     batch_size: int,
     size_override: int | None,
+    lora_mode: str,
 ) -> None:
+    if lora_mode not in LORA_MODES:
+        raise ValueError(f"`lora_mode` must be one of {', '.join(LORA_MODES)} but is {lora_mode!r}")
     if not isinstance(subject, str) or not subject.strip():
         raise ValueError(f"`subject` must be a non-empty string such as 'ohwx person' but is {subject!r}")
     if not isinstance(person_id, str) or not person_id:
@@ -382,11 +398,16 @@ def _check_inputs(
         raise ValueError(f"`batch_size` must be an integer between 1 and 256 but is {batch_size!r}")
     if size_override is not None and (not _is_int(size_override) or size_override < 8 or size_override % 8):
         raise ValueError(f"`size_override` must be None or a positive multiple of 8 but is {size_override!r}")
-    loaded = getattr(pipe.unet, "peft_config", None)
+    loaded = getattr(eager_unet(pipe), "peft_config", None)
     if loaded:
         raise RuntimeError(
             f"pipe.unet already has LoRA adapters {sorted(loaded)}: another person's LoRA would leak "
             "into these images. Call pipe.unload_lora_weights() first"
+        )
+    if has_merged_lora(pipe):
+        raise RuntimeError(
+            "a LoRA is merged into the pipe's weights (another generation is still running or was "
+            "not closed): another person's LoRA would leak into these images"
         )
 
 
@@ -402,10 +423,11 @@ def generate_headshots(
     batch_size: int = 4,
     skip: set[tuple[str, int]] = frozenset(),
     size_override: int | None = None,
+    lora_mode: str = "auto",
 ) -> Iterator[GeneratedImage]:
     """Generate one person's headshots with their LoRA swapped into the resident pipe.
 
-    Inputs are checked when this is called; the LoRA is loaded when iteration starts and unloaded
+    Inputs are checked when this is called; the LoRA is applied when iteration starts and removed
     when it ends, fails or the iterator is closed. Consume the iterator fully or close it
     (``contextlib.closing``); not thread-safe with other users of ``pipe``.
 
@@ -418,18 +440,28 @@ def generate_headshots(
         images_per_style: Images per style, indices ``0 .. images_per_style - 1``.
         person_id: Identifies the person; part of every seed.
         base_seed: Varies every seed at once.
-        batch_size: Images sampled together (a batch never mixes styles).
+        batch_size: Images sampled together. A batch may mix styles that share guidance scale,
+            steps and size (each image keeps its own prompt and seed).
         skip: ``(style, index)`` pairs already stored (resume after a crash); not generated again.
         size_override: Square side in pixels used instead of the presets' width/height, e.g.
             ``native_resolution(pipe)`` for the tiny test model.
+        lora_mode: ``"peft"`` loads the LoRA as PEFT layers (``load_lora_weights``) and unloads
+            it after; ``"merge"`` adds it into the UNet's weights in place and copies the saved base
+            weights back after (no change of module structure, so a compiled UNet does not
+            recompile, and fused QKV projections see the LoRA); ``"auto"`` merges when the pipe was
+            optimised with fused QKV or compilation (:func:`pipeline.models.optimize_pipeline`),
+            else uses PEFT.
 
     Returns:
-        An iterator of :class:`GeneratedImage`, style by style, index by index.
+        An iterator of :class:`GeneratedImage`: batches in the order of the first style of each
+        (guidance, steps, size) group, within a batch style by style, index by index.
 
     Raises:
-        ValueError: A count, size, subject or the LoRA file is invalid.
+        ValueError: A count, size, subject, ``lora_mode`` or the LoRA file is invalid, or a merged
+            LoRA names modules the UNet lacks.
         StyleError: ``styles`` is empty, repeats a style or holds a non-preset.
-        RuntimeError: ``pipe`` already has a LoRA loaded.
+        RuntimeError: ``pipe`` already has a LoRA loaded or merged, or ``lora_mode="peft"`` is
+            asked for on a pipe whose fused or compiled UNet needs merging.
     """
     _check_inputs(
         pipe,
@@ -439,11 +471,23 @@ def generate_headshots(
         person_id=person_id,
         batch_size=batch_size,
         size_override=size_override,
+        lora_mode=lora_mode,
     )
+    needs_merge = optimizations_of(pipe).needs_merged_lora
+    if lora_mode == "peft" and needs_merge:
+        raise RuntimeError(
+            f"the pipe is optimised ({optimizations_of(pipe)}): PEFT layers would be bypassed by its fused "
+            "projections or recompile its UNet; use lora_mode='merge' or 'auto'"
+        )
+    merge = lora_mode == "merge" or (lora_mode == "auto" and needs_merge)
     lora_state = _lora_state_from_bytes(lora_bytes)
+    if merge:
+        # Checked now, not when iteration starts: a bad file must fail before the pipe is touched.
+        _merge_plan(eager_unet(pipe), lora_state)
     return _generate_with_lora(
         pipe,
         lora_state,
+        merge=merge,
         subject=subject,
         styles=list(styles),
         images_per_style=images_per_style,
@@ -455,10 +499,171 @@ def generate_headshots(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# LoRA merged into the weights (the optimised pipe's swap)
+# --------------------------------------------------------------------------------------------
+
+
+def _merge_plan(
+    unet: torch.nn.Module, lora_state: dict[str, torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module path: (lora_A, lora_B)}`` for a diffusers UNet LoRA file, checked against ``unet``."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in lora_state.items():
+        match = re.fullmatch(r"unet\.(.+)\.(lora_A|lora_B)\.weight", key)
+        if match is None:
+            raise ValueError(
+                f"LoRA key {key!r} cannot be merged: only UNet LoRA weights named "
+                "'unet.<module>.lora_A.weight' / 'lora_B.weight' (as train_lora writes) can"
+            )
+        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+    plan = {}
+    for path, pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"LoRA module {path!r} has {sorted(pair)} but needs both lora_A and lora_B")
+        try:
+            module = unet.get_submodule(path)
+        except AttributeError as error:
+            raise ValueError(f"LoRA module {path!r} does not exist in this UNet (another base model?)") from error
+        down, up = pair["lora_A"], pair["lora_B"]
+        if not isinstance(module, torch.nn.Linear) or down.ndim != 2 or up.ndim != 2:
+            raise ValueError(f"LoRA module {path!r} is not a linear layer with 2-d lora_A/lora_B; cannot merge it")
+        if up.shape[1] != down.shape[0] or (up.shape[0], down.shape[1]) != tuple(module.weight.shape):
+            raise ValueError(
+                f"LoRA module {path!r}: lora_B @ lora_A is {up.shape[0]}x{down.shape[1]} but the weight is "
+                f"{tuple(module.weight.shape)} (another base model?)"
+            )
+        plan[path] = (down, up)
+    return plan
+
+
+def _refresh_fused_projections(unet: torch.nn.Module, paths) -> None:
+    """Copy ``to_q/k/v`` into the fused ``to_qkv`` / ``to_kv`` of the attention layers owning ``paths``."""
+    owners = {path.rsplit(".to_", 1)[0] for path in paths if ".to_" in path}
+    for owner in owners:
+        attention = unet.get_submodule(owner)
+        if not getattr(attention, "fused_projections", False):
+            continue
+        if getattr(attention, "to_qkv", None) is not None and not attention.is_cross_attention:
+            attention.to_qkv.weight.copy_(
+                torch.cat([attention.to_q.weight, attention.to_k.weight, attention.to_v.weight])
+            )
+        if getattr(attention, "to_kv", None) is not None and attention.is_cross_attention:
+            attention.to_kv.weight.copy_(torch.cat([attention.to_k.weight, attention.to_v.weight]))
+
+
+@torch.no_grad()
+def _merge_lora(pipe: DiffusionPipeline, plan: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Add ``lora_B @ lora_A`` (scale 1: alpha == rank) to each target weight, saving the base first.
+
+    The saved base weights stay on the pipe (same device, same dtype) and are reused for every
+    person: restoring is a copy, so the base model comes back bit-exact.
+    """
+    unet = eager_unet(pipe)
+    saved: dict[str, torch.Tensor] = getattr(pipe, _BASE_WEIGHTS_ATTR, None) or {}
+    # Attached before any weight changes, so a failure half-way can still be restored.
+    setattr(pipe, _BASE_WEIGHTS_ATTR, saved)
+    setattr(pipe, _MERGED_ATTR, True)
+    for path, (down, up) in plan.items():
+        weight = unet.get_submodule(path).weight
+        if path not in saved:
+            saved[path] = weight.detach().clone()
+        delta = up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)
+        weight.copy_((saved[path].float() + delta).to(weight.dtype))
+    _refresh_fused_projections(unet, plan)
+
+
+@torch.no_grad()
+def _restore_base_weights(pipe: DiffusionPipeline, paths) -> None:
+    unet = eager_unet(pipe)
+    saved: dict[str, torch.Tensor] = getattr(pipe, _BASE_WEIGHTS_ATTR, None) or {}
+    for path in paths:
+        if path in saved:
+            unet.get_submodule(path).weight.copy_(saved[path])
+    _refresh_fused_projections(unet, paths)
+    setattr(pipe, _MERGED_ATTR, False)
+
+
+def has_merged_lora(pipe: DiffusionPipeline) -> bool:
+    """Whether a person's LoRA is merged into ``pipe``'s weights right now (a generation is running)."""
+    return bool(getattr(pipe, _MERGED_ATTR, False))
+
+
+# --------------------------------------------------------------------------------------------
+# Batches across styles
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PromptEmbeddings:
+    """One style's encoded prompt and negative prompt, one row each (``None`` where not used)."""
+
+    prompt: torch.Tensor
+    negative: torch.Tensor | None
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+
+def _uses_guidance(pipe: DiffusionPipeline, guidance_scale: float) -> bool:
+    # The pipelines' own rule: guidance only above 1 and not for guidance-distilled UNets.
+    return guidance_scale > 1 and eager_unet(pipe).config.time_cond_proj_dim is None
+
+
+@torch.no_grad()
+def _encode_style(pipe: DiffusionPipeline, prompt: str, negative_prompt: str, guidance: bool) -> _PromptEmbeddings:
+    device = pipe._execution_device
+    # None (not "") keeps SDXL's zeroed unconditional embedding for an empty negative prompt.
+    negative = negative_prompt or None
+    if is_sdxl(pipe):
+        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompt, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=guidance, negative_prompt=negative,
+        )
+        return _PromptEmbeddings(embeds, negative_embeds if guidance else None, pooled,
+                                 negative_pooled if guidance else None)
+    embeds, negative_embeds = pipe.encode_prompt(
+        prompt=prompt, device=device, num_images_per_prompt=1,
+        do_classifier_free_guidance=guidance, negative_prompt=negative,
+    )
+    return _PromptEmbeddings(embeds, negative_embeds if guidance else None)
+
+
+def _sample_batch(
+    pipe: DiffusionPipeline,
+    rows: list[_PromptEmbeddings],
+    seeds: list[int],
+    *,
+    guidance_scale: float,
+    steps: int,
+    width: int,
+    height: int,
+) -> list[PIL.Image.Image]:
+    """Sample one batch whose images may have different prompts: their embeddings are stacked."""
+
+    def stack(name: str) -> torch.Tensor | None:
+        tensors = [getattr(row, name) for row in rows]
+        return None if tensors[0] is None else torch.cat(tensors)
+
+    kwargs = dict(prompt_embeds=stack("prompt"), negative_prompt_embeds=stack("negative"))
+    if is_sdxl(pipe):
+        kwargs.update(pooled_prompt_embeds=stack("pooled"), negative_pooled_prompt_embeds=stack("negative_pooled"))
+    result = pipe(
+        **kwargs,
+        guidance_scale=guidance_scale,
+        num_inference_steps=steps,
+        width=width,
+        height=height,
+        generator=[torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
+        output_type="pil",
+    )
+    return list(result.images)
+
+
 def _generate_with_lora(
     pipe: DiffusionPipeline,
     lora_state: dict[str, torch.Tensor],
     *,
+    merge: bool,
     subject: str,
     styles: list[StylePreset],
     images_per_style: int,
@@ -468,45 +673,61 @@ def _generate_with_lora(
     skip: frozenset[tuple[str, int]],
     size_override: int | None,
 ) -> Iterator[GeneratedImage]:
-    work = [
-        (preset, [index for index in range(images_per_style) if (preset.name, index) not in skip])
-        for preset in styles
-    ]
-    if not any(pending for _, pending in work):
+    # Group the pending images by what one pipe call must share; a group keeps style order.
+    groups: dict[tuple[float, int, int, int], list[tuple[StylePreset, int]]] = {}
+    for preset in styles:
+        width = size_override or preset.width
+        height = size_override or preset.height
+        for index in range(images_per_style):
+            if (preset.name, index) not in skip:
+                key = (float(preset.guidance_scale), preset.steps, width, height)
+                groups.setdefault(key, []).append((preset, index))
+    if not groups:
         return  # everything is stored already (resume after a crash at the very end)
+    plan = _merge_plan(eager_unet(pipe), lora_state) if merge else None
     try:
         started = time.perf_counter()
-        pipe.load_lora_weights(lora_state, adapter_name=GENERATION_ADAPTER_NAME)
-        logger.debug("loaded LoRA for %s in %.3f s", person_id, time.perf_counter() - started)
-        for preset, pending in work:
-            prompt = preset.render_prompt(subject)
-            width = size_override or preset.width
-            height = size_override or preset.height
-            for start in range(0, len(pending), batch_size):
-                indices = pending[start : start + batch_size]
-                seeds = [seed_for(person_id, preset.name, index, base_seed) for index in indices]
+        if plan is not None:
+            _merge_lora(pipe, plan)
+        else:
+            pipe.load_lora_weights(lora_state, adapter_name=GENERATION_ADAPTER_NAME)
+        logger.debug("applied LoRA for %s (%s) in %.3f s", person_id, "merged" if merge else "peft",
+                     time.perf_counter() - started)
+        embeddings: dict[str, _PromptEmbeddings] = {}
+        for (guidance_scale, steps, width, height), items in groups.items():
+            guidance = _uses_guidance(pipe, guidance_scale)
+            for preset, _ in items:
+                if preset.name not in embeddings:
+                    embeddings[preset.name] = _encode_style(
+                        pipe, preset.render_prompt(subject), preset.negative_prompt, guidance
+                    )
+            for start in range(0, len(items), batch_size):
+                batch = items[start : start + batch_size]
+                seeds = [seed_for(person_id, preset.name, index, base_seed) for preset, index in batch]
                 batch_started = time.perf_counter()
-                images = generate_images(
+                images = _sample_batch(
                     pipe,
-                    prompt=prompt,
-                    negative_prompt=preset.negative_prompt,
-                    seeds=seeds,
-                    guidance_scale=preset.guidance_scale,
-                    steps=preset.steps,
+                    [embeddings[preset.name] for preset, _ in batch],
+                    seeds,
+                    guidance_scale=guidance_scale,
+                    steps=steps,
                     width=width,
                     height=height,
                 )
-                per_image_s = (time.perf_counter() - batch_started) / len(indices)
-                for index, seed, image in zip(indices, seeds, images):
+                per_image_s = (time.perf_counter() - batch_started) / len(batch)
+                for (preset, index), seed, image in zip(batch, seeds, images):
                     yield GeneratedImage(
                         style=preset.name,
                         index=index,
                         seed=seed,
-                        prompt=prompt,
+                        prompt=preset.render_prompt(subject),
                         negative_prompt=preset.negative_prompt,
                         image=image,
                         seconds=per_image_s,
                     )
     finally:
         # The pipe is shared: the next person must never get this person's LoRA.
-        pipe.unload_lora_weights()
+        if plan is not None:
+            _restore_base_weights(pipe, plan)
+        else:
+            pipe.unload_lora_weights()

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -213,7 +214,20 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     return pipe
 
 
-def build_random_sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+def _seeded_on(device: str | torch.device, seed: int):
+    """Context: build modules directly on ``device`` from a seeded RNG, the caller's RNG untouched."""
+    import contextlib
+
+    device = torch.device(device)
+    stack = contextlib.ExitStack()
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
+    torch.manual_seed(seed)
+    stack.enter_context(device)
+    return stack
+
+
+def build_random_sd15_pipeline(seed: int = 0, *, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
     """Build a pipeline with SD1.5's real architecture (860M-param UNet, 512 px) and random weights.
 
     Throughput does not depend on weight values, so benchmarks use this where no real checkpoint can
@@ -222,13 +236,13 @@ def build_random_sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
     Args:
         seed: Seed for the random weights; the global torch RNG is left untouched.
+        device: Where the weights are created (``"cuda"`` skips a slow CPU initialisation).
 
     Returns:
-        A float32 CPU pipeline; move it with ``.to(device, dtype)``.
+        A float32 pipeline on ``device``; move it with ``.to(device, dtype)``.
     """
     tokenizer = _build_tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _seeded_on(device, seed):
         unet = UNet2DConditionModel(
             sample_size=64,
             block_out_channels=(320, 640, 1280, 1280),
@@ -271,6 +285,77 @@ def build_random_sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_random_sdxl_pipeline(seed: int = 0, *, device: str | torch.device = "cpu") -> StableDiffusionXLPipeline:
+    """Build a pipeline with SDXL's real architecture (2.6B-param UNet, 1024 px) and random weights.
+
+    Same purpose and tokenizer as :func:`build_random_sd15_pipeline`: UNet with text-time
+    conditioning, a CLIP ViT-L text encoder and a ViT-bigG one with projection, the KL VAE.
+
+    Args:
+        seed: Seed for the random weights; the global torch RNG is left untouched.
+        device: Where the weights are created (``"cuda"`` skips a slow CPU initialisation).
+
+    Returns:
+        A float32 pipeline on ``device`` without watermarker; move it with ``.to(device, dtype)``.
+    """
+    tokenizer = _build_tiny_tokenizer()
+    tokenizer_2 = _build_tiny_tokenizer()
+    special = dict(
+        vocab_size=49408,
+        max_position_embeddings=_TOKENIZER_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded_on(device, seed):
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            # 6 time ids x 256 + the 1280-wide pooled embedding of the second text encoder.
+            projection_class_embeddings_input_dim=2816,
+            use_linear_projection=True,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            sample_size=1024,
+            scaling_factor=0.13025,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                           hidden_act="quick_gelu", **special)
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                           hidden_act="gelu", projection_dim=1280, **special)
+        )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=DPMSolverMultistepScheduler(**_SD15_SCHEDULE),
+        add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -412,6 +497,8 @@ def load_base_pipeline(
     device: str,
     dtype: torch.dtype,
     variant: str | None = None,
+    optimize: bool = True,
+    compile_mode: str | None = None,
 ) -> DiffusionPipeline:
     """Load the base model that stays resident on a worker.
 
@@ -423,10 +510,16 @@ def load_base_pipeline(
         dtype: Weight dtype, e.g. ``torch.bfloat16`` on CUDA, ``torch.float32`` on CPU.
         variant: Weight-file variant to load from the folder (e.g. ``"fp16"`` for
             ``diffusion_pytorch_model.fp16.safetensors``); ``None`` loads the plain files.
+        optimize: Apply :func:`optimize_pipeline` with its defaults: channels-last and fused QKV
+            on CUDA, nothing on the CPU. Compilation is opt-in (``compile_mode``).
+        compile_mode: ``torch.compile`` mode for the UNet (e.g. ``"default"``,
+            ``"max-autotune-no-cudagraphs"``, ``"reduce-overhead"``), CUDA only; ``None`` compiles
+            nothing. Each new batch shape costs one compilation (tens of seconds for SD1.5).
 
     Returns:
         The pipeline on ``device`` in ``dtype``, progress bars disabled, safety checker off
-        (SD1.5), xformers attention when installed and on CUDA, channels-last UNet on CUDA.
+        (SD1.5), xformers attention when installed and on CUDA, and on CUDA the layout
+        optimisations of :func:`optimize_pipeline`.
 
     Raises:
         BaseModelError: ``source`` is missing, is not a diffusers folder, names an unsupported
@@ -457,9 +550,10 @@ def load_base_pipeline(
     pipe.to(device=device)
     pipe.set_progress_bar_config(disable=True)
     _set_attention_backend(pipe, device)
-    if device.startswith("cuda"):
-        # Convolutions in the UNet run faster in NHWC on tensor cores.
-        pipe.unet.to(memory_format=torch.channels_last)
+    if optimize:
+        optimize_pipeline(pipe, compile_mode=compile_mode)
+    elif compile_mode is not None:
+        raise ValueError("`compile_mode` needs `optimize=True`")
     return pipe
 
 
@@ -482,3 +576,121 @@ def native_resolution(pipe: DiffusionPipeline) -> int:
 def is_sdxl(pipe: DiffusionPipeline) -> bool:
     """Whether the pipeline is SDXL-shaped (two text encoders, pooled + time-id conditioning)."""
     return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+
+# --------------------------------------------------------------------------------------------
+# Throughput optimisations of a resident pipeline
+# --------------------------------------------------------------------------------------------
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""``torch.compile`` modes :func:`optimize_pipeline` accepts."""
+
+_OPTIMIZATIONS_ATTR = "_headshots_optimizations"
+
+
+@dataclass(frozen=True)
+class PipelineOptimizations:
+    """What :func:`optimize_pipeline` did to a pipeline (read back with :func:`optimizations_of`).
+
+    Attributes:
+        channels_last: UNet and VAE weights are in NHWC memory format.
+        fuse_qkv: The attention projections of UNet and VAE are fused (one ``to_qkv`` matmul in
+            self-attention, one ``to_kv`` in cross-attention). LoRA adapters on ``to_q/to_k/to_v``
+            are then bypassed by the fused processor, so generation merges a person's LoRA into the
+            weights (``lora_mode="merge"`` in :mod:`pipeline.generate`) and fine-tuning switches the
+            unfused processors back while it trains.
+        compile_mode: ``torch.compile`` mode of the UNet, or ``None`` when it is not compiled.
+    """
+
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    compile_mode: str | None = None
+
+    @property
+    def needs_merged_lora(self) -> bool:
+        """Whether a LoRA must be merged into the weights rather than loaded as PEFT layers.
+
+        Fused projections bypass PEFT layers on ``to_q/k/v``; a compiled UNet would recompile
+        every time PEFT layers are added or removed (a new module structure).
+        """
+        return self.fuse_qkv or self.compile_mode is not None
+
+
+def optimizations_of(pipe: DiffusionPipeline) -> PipelineOptimizations:
+    """The optimisations applied to ``pipe`` by :func:`optimize_pipeline` (none for a plain pipe)."""
+    return getattr(pipe, _OPTIMIZATIONS_ATTR, None) or PipelineOptimizations()
+
+
+def eager_unet(pipe: DiffusionPipeline) -> torch.nn.Module:
+    """The pipeline's UNet module itself, not its ``torch.compile`` wrapper.
+
+    Training adds and removes PEFT layers per person; running it through the compiled wrapper would
+    recompile on every person. The eager module shares its parameters with the compiled one.
+    """
+    return getattr(pipe.unet, "_orig_mod", pipe.unet)
+
+
+def _pipeline_device(pipe: DiffusionPipeline) -> torch.device:
+    return next(eager_unet(pipe).parameters()).device
+
+
+def optimize_pipeline(
+    pipe: DiffusionPipeline,
+    *,
+    channels_last: bool | None = None,
+    fuse_qkv: bool | None = None,
+    compile_mode: str | None = None,
+) -> PipelineOptimizations:
+    """Make a resident pipeline faster without changing what it computes beyond float rounding.
+
+    Call once, after the pipeline is on its device and before any LoRA is loaded. Switches left at
+    ``None`` are on when the pipeline is on CUDA and off on the CPU (where NHWC and fused matmuls
+    gain nothing and the CPU test path stays the plain diffusers one).
+
+    Args:
+        pipe: A Stable Diffusion (1.5 or XL) pipeline without LoRA adapters.
+        channels_last: Put UNet and VAE weights in NHWC memory format (faster convolutions on tensor
+            cores).
+        fuse_qkv: Fuse the query/key/value projections of every attention layer in UNet and VAE.
+        compile_mode: Compile the UNet with ``torch.compile(mode=compile_mode)``, one of
+            :data:`COMPILE_MODES`; ``None`` leaves it eager. CUDA only.
+
+    Returns:
+        What was applied; also kept on the pipe for :func:`optimizations_of`.
+
+    Raises:
+        ValueError: ``compile_mode`` is unknown or asked for on a CPU pipeline, or the pipeline was
+            optimised already.
+        RuntimeError: The UNet has LoRA adapters loaded.
+    """
+    if getattr(pipe, _OPTIMIZATIONS_ATTR, None) is not None:
+        raise ValueError(f"pipeline is already optimised ({optimizations_of(pipe)}); optimise a pipeline once")
+    if getattr(eager_unet(pipe), "peft_config", None):
+        raise RuntimeError("optimise the pipeline before any LoRA is loaded (pipe.unload_lora_weights() first)")
+    on_cuda = _pipeline_device(pipe).type == "cuda"
+    channels_last = on_cuda if channels_last is None else bool(channels_last)
+    fuse_qkv = on_cuda if fuse_qkv is None else bool(fuse_qkv)
+    if compile_mode is not None:
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"`compile_mode` must be None or one of {', '.join(COMPILE_MODES)} but is {compile_mode!r}")
+        if not on_cuda:
+            raise ValueError(
+                f"`compile_mode` {compile_mode!r} needs a CUDA pipeline; on the CPU leave it None (eager)"
+            )
+
+    if fuse_qkv:
+        # Fuses UNet and VAE attention and installs diffusers' fused SDPA processor (this replaces
+        # xformers processors: the fused matmul matters more than the attention kernel here).
+        pipe.fuse_qkv_projections(unet=True, vae=True)
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if compile_mode is not None:
+        # Not fullgraph: a graph break (a diffusers or torch upgrade) must cost speed, not the
+        # worker; bench/gpu.py reports graph breaks. dynamic=None lets the first batch shape compile
+        # static and a second one compile a batch-dynamic graph, so a person's last, smaller batch
+        # costs one recompilation per process, not one per person.
+        pipe.unet = torch.compile(pipe.unet, mode=None if compile_mode == "default" else compile_mode)
+    applied = PipelineOptimizations(channels_last=channels_last, fuse_qkv=fuse_qkv, compile_mode=compile_mode)
+    setattr(pipe, _OPTIMIZATIONS_ATTR, applied)
+    return applied
