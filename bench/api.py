@@ -5,7 +5,8 @@
 Starts an embedded S3 server and the API (uvicorn, one process), makes a tenant, then drives load
 from a second process (httpx, ``--threads`` concurrent connections, ``--seconds`` per run):
 - status: ``GET /v1/batches/{id}`` of a 4-person batch (reads the batch, 4 person documents, progress);
-- submit: ``POST /v1/batches`` of a 4-person batch (validation, 4 person documents, batch document);
+- submit: ``POST /v1/batches`` of a 4-person batch (validation, the open-batch limit, 4 person documents,
+  batch document);
   submit here is batch creation: starting it is one actor call more and needs Ray;
 - upload: ``PUT .../photos/{file}`` of the demo photos (40-55 KB JPEGs: decoded, stripped, re-encoded,
   encrypted with the person's key, stored), in MB/s of photo bytes received.

@@ -350,7 +350,8 @@ def _write_kind(key: str) -> str:
 
     if key.endswith(f"/{keys.BATCH_PREFIX}/progress.json"):
         return "progress"
-    if key.endswith(f"/{keys.BATCH_PREFIX}/state.json") or key.startswith(f"{keys.SYSTEM_PREFIX}/batches/"):
+    if key.endswith(f"/{keys.BATCH_PREFIX}/state.json") or key.startswith((f"{keys.SYSTEM_PREFIX}/batches/",
+                                                                           f"{keys.SYSTEM_PREFIX}/open-batches/")):
         return "batch"
     if key.startswith(EXPIRY_PREFIX):
         return "expiry index"

@@ -180,22 +180,16 @@ def _person_result(person: PersonState) -> dict[str, Any]:
                                 for ph in person.photos if not ph.accepted]}
 
 
-def open_batches(store: ArtifactStore, tenant: str) -> int:
-    """The tenant's batches that are created (not yet started) or running.
+def open_batches(store: ArtifactStore, tenant: str, *, limit: int | None = None) -> int:
+    """The tenant's batches that are created (not yet started) or running, from the open-batch index
+    (:meth:`storage.state.StateStore.count_open_batches`): the cost grows with the tenant's open batches,
+    not with every batch it ever made.
 
-    Reads every batch document of the tenant (in parallel): the cost grows with the tenant's batches
-    (see bench/RESULTS.md, API); a per-tenant index of open batches would make it constant.
+    Args:
+        limit: the caller compares the count with this limit: under it, the index's listing alone
+            answers (one request); at or over it, each open batch's state is checked.
     """
-    states = StateStore(store)
-
-    def is_open(found: tuple[str, str]) -> bool:
-        try:
-            return states.load_batch(*found).state in ("created", "running")
-        except ObjectNotFound:
-            return False
-
-    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
-        return sum(pool.map(is_open, states.list_batches(tenant)))
+    return StateStore(store).count_open_batches(tenant, trust_below=limit, threads=UPLOAD_THREADS)
 
 
 def create_batch(config, manifest: BatchManifest, *, batch_id: str | None = None,
@@ -231,6 +225,17 @@ def create_batch(config, manifest: BatchManifest, *, batch_id: str | None = None
     return SubmitResult(tenant=manifest.tenant, batch_id=batch_id, persons=[_person_result(p) for p in persons])
 
 
+def photo_refusal(batch: BatchState, person: PersonState) -> str | None:
+    """Why ``person`` cannot take a photo now (a sentence saying when it can), or None if it can."""
+    waiting = batch.state == "created" and person.state == "queued"
+    if not waiting and person.state not in ADD_PHOTOS_STATES:
+        return (f"person {person.person_id!r} is {person.state}; photos can be added before the batch starts, or "
+                f"to persons in {', '.join(ADD_PHOTOS_STATES)} (then retry them)")
+    if not person.consent:
+        return f"person {person.person_id!r} has no consent record, so no photo of theirs can be stored"
+    return None
+
+
 def add_photo_bytes(config, *, tenant: str, batch_id: str, person_id: str, filename: str, data: bytes,
                     store: ArtifactStore | None = None) -> dict[str, Any]:
     """Store one photo, given as bytes, for a person of a batch that is not yet started, or one waiting
@@ -262,12 +267,9 @@ def add_photo_bytes(config, *, tenant: str, batch_id: str, person_id: str, filen
     stored = None
     for _ in range(MAX_PHOTO_WRITE_ATTEMPTS):
         person = states.load_person(tenant, batch_id, person_id)
-        waiting = batch.state == "created" and person.state == "queued"
-        if not waiting and person.state not in ADD_PHOTOS_STATES:
-            raise ValueError(f"person {person_id!r} is {person.state}; photos can be added before the batch "
-                             f"starts, or to persons in {', '.join(ADD_PHOTOS_STATES)} (then retry them)")
-        if not person.consent:
-            raise ValueError(f"person {person_id!r} has no consent record, so no photo of theirs can be stored")
+        refusal = photo_refusal(batch, person)
+        if refusal is not None:
+            raise ValueError(refusal)
         same_name = [p for p in person.photos if p.accepted and p.source == filename]
         if same_name:
             known = {o.key: o.sha256 for o in person.objects}

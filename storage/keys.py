@@ -162,6 +162,16 @@ def batch_index_prefix(tenant: str | None = None) -> str:
     return f"{SYSTEM_PREFIX}/batches/" + (tenant_prefix(tenant) if tenant else "")
 
 
+def open_batch_key(tenant: str, batch_id: str) -> str:
+    """An empty marker per batch that is created or running (storage/state.py keeps it), so counting a
+    tenant's open batches reads only those, not every batch the tenant ever made."""
+    return f"{open_batch_prefix(tenant)}{validate_id(batch_id, field='batch_id')}"
+
+
+def open_batch_prefix(tenant: str) -> str:
+    return f"{SYSTEM_PREFIX}/open-batches/{tenant_prefix(tenant)}"
+
+
 # --- webhooks ---------------------------------------------------------------------------------
 
 WEBHOOKS_PREFIX = f"{SYSTEM_PREFIX}/webhooks"

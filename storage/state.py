@@ -12,12 +12,16 @@ apply its change again. A document with no ETag (made in memory, or a copy) is w
 from __future__ import annotations
 
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
 from storage import keys
-from storage.store import ArtifactStore, ObjectNotFound, StoredObject, WriteConflict, utc_now_iso
+from storage.store import (ArtifactStore, ObjectExists, ObjectNotFound, StoreError, StoredObject, WriteConflict,
+                           utc_now_iso)
+
+logger = logging.getLogger(__name__)
 
 PERSON_STATES = ("queued", "ingesting", "training", "generating", "packaging",
                  "done", "needs_photos", "failed", "cancelled", "deleted")
@@ -25,6 +29,8 @@ FINAL_PERSON_STATES = frozenset({"done", "needs_photos", "failed", "cancelled", 
 # "created": made over the HTTP API, waiting for its photos and an explicit start (the coordinator
 # resumes only "running" batches, so a restart never starts one early).
 BATCH_STATES = ("created", "running", "done", "cancelled", "deleted")
+# What counts against a tenant's limit of concurrent batches; kept in the open-batch index (save_batch).
+OPEN_BATCH_STATES = frozenset({"created", "running"})
 STAGES = ("ingest", "train", "generate", "package")
 STAGE_OF_STATE = {"ingesting": "ingest", "training": "train", "generating": "generate", "packaging": "package"}
 SCHEMA_VERSION = 1
@@ -215,6 +221,11 @@ class StateStore:
         """
         batch.updated_at = utc_now_iso()
         key = keys.batch_state_key(batch.tenant, batch.batch_id)
+        is_open = batch.state in OPEN_BATCH_STATES
+        if is_open:
+            # Marked before the document is written: a crash in between leaves a marker of a batch that
+            # is not open (not counted, see count_open_batches), never an open batch without a marker.
+            self._mark_open(batch.tenant, batch.batch_id)
         stored = self._save(key, batch.to_json(), etag=batch.etag, if_absent=if_absent,
                             what=f"batch {batch.tenant}/{batch.batch_id}")
         batch.etag = stored.etag
@@ -222,6 +233,11 @@ class StateStore:
         index_key = keys.batch_index_key(batch.tenant, batch.batch_id)
         if not self.store.exists("state", index_key):
             self.store.put("state", index_key, b"", content_type="text/plain")
+        if is_open:
+            # Again after the write: a count that saw the old, final state may have dropped the marker.
+            self._mark_open(batch.tenant, batch.batch_id)
+        else:
+            self.drop_open_marker(batch.tenant, batch.batch_id)
         return stored
 
     def create_batch(self, batch: BatchState) -> StoredObject:
@@ -285,6 +301,72 @@ class StateStore:
             raise StateConflict(f"state of {what} {change}: reload it and apply the change again",
                                 bucket=error.bucket, key=error.key, request_id=error.request_id,
                                 code=error.code) from None
+
+    def count_open_batches(self, tenant: str, *, trust_below: int | None = None, threads: int = 8) -> int:
+        """The tenant's open (created or running) batches, from the open-batch index.
+
+        Every open batch has a marker (save_batch writes it before the document); a marker can outlive
+        its batch's last open state (a crash, or a writer not allowed to delete it), so markers are
+        checked against the batch documents, and those of final batches are dropped.
+
+        Args:
+            trust_below: when there are fewer markers than this, return their number unchecked (one
+                listing): a caller that compares with a limit needs no more. Default: always check.
+            threads: batch documents read at once while checking.
+
+        Returns:
+            The number of open batches (with ``trust_below``, an upper bound when under it).
+        """
+        prefix = keys.open_batch_prefix(tenant)
+        batch_ids = [key[len(prefix):] for key in self.store.list_keys("state", prefix)]
+        if trust_below is not None and len(batch_ids) < trust_below:
+            return len(batch_ids)
+
+        def still_open(batch_id: str) -> bool:
+            try:
+                state = self.load_batch(tenant, batch_id).state
+            except ObjectNotFound:
+                # Being created this moment, or a crash before its document was written: not open. Left
+                # in place, since the two cannot be told apart here.
+                return False
+            if state in OPEN_BATCH_STATES:
+                return True
+            self.drop_open_marker(tenant, batch_id)
+            return False
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return sum(pool.map(still_open, batch_ids))
+
+    def drop_open_marker(self, tenant: str, batch_id: str) -> None:
+        """Remove a batch's open-batch marker (every version: nothing is left in the versioned bucket).
+
+        Best effort: an identity that may not delete it (see README, HTTP API) leaves it, and the count
+        skips it. If the batch became open again meanwhile, the marker is put back.
+        """
+        key = keys.open_batch_key(tenant, batch_id)
+        try:
+            if not self.store.exists("state", key):
+                return
+            for found, version_id, _ in self.store.list_versions("state", key):
+                if found == key:
+                    self.store.remove_version("state", key, version_id=version_id)
+        except StoreError as error:
+            logger.warning("open-batch marker of %s/%s left in place (%s); counts check it against the batch",
+                           tenant, batch_id, error)
+            return
+        try:
+            reopened = self.load_batch(tenant, batch_id).state in OPEN_BATCH_STATES
+        except ObjectNotFound:
+            return
+        if reopened:  # a concurrent save made it open between its own marking and our removal
+            self._mark_open(tenant, batch_id)
+
+    def _mark_open(self, tenant: str, batch_id: str) -> None:
+        try:  # create-only: one version per marker, however many writers mark it
+            self.store.put("state", keys.open_batch_key(tenant, batch_id), b"", content_type="text/plain",
+                           if_absent=True)
+        except ObjectExists:
+            pass
 
     def list_batches(self, tenant: str | None = None) -> list[tuple[str, str]]:
         """(tenant, batch_id) of every batch, optionally of one tenant."""

@@ -34,7 +34,8 @@ from headshots.api import errors
 from headshots.api import schemas as s
 from headshots.api.auth import Authenticator, TenantContext, TokenBuckets, bearer_scheme
 from headshots.api.errors import ApiError, not_found
-from headshots.manifest import ManifestError, parse_manifest
+from headshots.api.uploads import PHOTOS_FIELD, file_parts
+from headshots.manifest import MAX_PHOTOS_PER_PERSON, ManifestError, parse_manifest
 from pipeline import ingest
 from storage import keys
 from storage.receipts import ReceiptNotFound, list_receipts, load_receipt
@@ -43,6 +44,9 @@ from storage.store import ArtifactStore, ObjectExists, ObjectNotFound, StoreUnav
 
 API_VERSION = "1.0.0"
 PHOTO_PATH = re.compile(r"^/v1/batches/[^/]+/persons/[^/]+/photos/[^/]+$")
+PHOTOS_PATH = re.compile(r"^/v1/batches/[^/]+/persons/[^/]+/photos/?$")
+# Files one multipart request may carry: as many as a person may have.
+MAX_FILES_PER_UPLOAD = MAX_PHOTOS_PER_PERSON
 FILENAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 RECEIPT_ID_PATTERN = re.compile(r"(sweep|request)-\d{8}T\d{6}-[0-9a-f]{8}")
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
@@ -58,17 +62,27 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {status: {"model": s.ErrorBod
 
 class BodySizeLimit:
     """Refuse bodies over the cap before reading them (Content-Length), or as soon as a streamed body
-    passes it: photos up to ``api.max_photo_bytes``, everything else up to ``api.max_request_bytes``."""
+    passes it: a photo up to ``api.max_photo_bytes``, a multipart upload up to that per file (each file
+    is capped on its own as it streams, see uploads.py), everything else up to ``api.max_request_bytes``."""
 
     def __init__(self, app, *, max_request_bytes: int, max_photo_bytes: int):
         self.app, self.max_request_bytes, self.max_photo_bytes = app, max_request_bytes, max_photo_bytes
 
+    def cap_for(self, path: str) -> tuple[int, str]:
+        """(the cap in bytes, the error message with ``{cap}``) of a request to ``path``."""
+        if PHOTO_PATH.match(path):
+            return self.max_photo_bytes, "a photo may be at most {cap} bytes (api.max_photo_bytes)"
+        if PHOTOS_PATH.match(path):
+            return (MAX_FILES_PER_UPLOAD * self.max_photo_bytes + self.max_request_bytes,
+                    f"a multipart upload may be at most {{cap}} bytes ({MAX_FILES_PER_UPLOAD} files of at most "
+                    "api.max_photo_bytes each, plus api.max_request_bytes)")
+        return self.max_request_bytes, "a request body may be at most {cap} bytes (api.max_request_bytes)"
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        is_photo = bool(PHOTO_PATH.match(scope.get("path", "")))
-        cap = self.max_photo_bytes if is_photo else self.max_request_bytes
-        field = "body"
+        cap, what = self.cap_for(scope.get("path", ""))
+        too_large = {"code": "body_too_large", "message": what.format(cap=cap), "field": "body"}
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -76,7 +90,7 @@ class BodySizeLimit:
                 except ValueError:
                     declared = -1
                 if declared > cap or declared < 0:
-                    return await _send_json(send, 413, _too_large(cap, is_photo, field))
+                    return await _send_json(send, 413, too_large)
         seen = 0
 
         async def counted_receive():
@@ -85,16 +99,10 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > cap:
-                    raise ApiError(413, "body_too_large", _too_large(cap, is_photo, field)["message"], field)
+                    raise ApiError(413, "body_too_large", too_large["message"], "body")
             return message
 
         return await self.app(scope, counted_receive, send)
-
-
-def _too_large(cap: int, is_photo: bool, field: str) -> dict[str, Any]:
-    what = "a photo" if is_photo else "a request body"
-    setting = "api.max_photo_bytes" if is_photo else "api.max_request_bytes"
-    return {"code": "body_too_large", "message": f"{what} may be at most {cap} bytes ({setting})", "field": field}
 
 
 async def _send_json(send, status: int, body: dict[str, Any]) -> None:
@@ -193,6 +201,12 @@ def create_app(config) -> FastAPI:
                        ) -> TenantContext:
         return service.auth.context(request, credentials)
 
+    def store_photo(tenant: str, batch_id: str, person_id: str, filename: str, data: bytes) -> dict[str, Any]:
+        """One photo through the same checks and storage as the CLI (PUT and multipart POST alike)."""
+        with service.person_lock(tenant, batch_id, person_id):
+            return client.add_photo_bytes(config, tenant=tenant, batch_id=batch_id, person_id=person_id,
+                                          filename=filename, data=data, store=service.store)
+
     v1 = "/v1"
 
     # --- batches -------------------------------------------------------------------------------------
@@ -219,8 +233,9 @@ def create_app(config) -> FastAPI:
             if replay is not None:
                 response.headers["Idempotent-Replayed"] = "true"
                 return replay
-        if client.open_batches(service.store, ctx.tenant) >= ctx.record.max_concurrent_batches:
-            raise ApiError(429, "too_many_batches", f"tenant {ctx.tenant} has {ctx.record.max_concurrent_batches} "
+        limit = ctx.record.max_concurrent_batches
+        if client.open_batches(service.store, ctx.tenant, limit=limit) >= limit:
+            raise ApiError(429, "too_many_batches", f"tenant {ctx.tenant} has {limit} "
                            "batches created or running, its limit; wait for one to finish, or cancel or delete one",
                            None)
         batch_id = keys.new_batch_id(manifest.name)
@@ -256,7 +271,9 @@ def create_app(config) -> FastAPI:
         return _status(service, ctx.tenant, batch_id)
 
     @app.put(f"{v1}/batches/{{batch_id}}/persons/{{person_id}}/photos/{{filename}}", status_code=201,
-             response_model=s.PhotoOut, responses=ERROR_RESPONSES,
+             response_model=s.PhotoOut, responses={200: {"model": s.PhotoOut, "description": "this exact photo was "
+                                                          "already stored under this name: nothing new"},
+                                                    **ERROR_RESPONSES},
              openapi_extra={"requestBody": {"required": True, "content": {
                  t: {"schema": {"type": "string", "format": "binary"}} for t in PHOTO_CONTENT_TYPES}}},
              summary="Upload one photo of a person (the raw image as the body: JPEG, PNG or WebP)")
@@ -268,6 +285,10 @@ def create_app(config) -> FastAPI:
                            "'.', '_' or '-', starting with a letter or digit (e.g. 01-front.jpg)", "filename")
         await run_in_threadpool(service.person_of, ctx.tenant, batch_id, person_id)
         content_type = (request.headers.get("content-type") or "application/octet-stream").split(";")[0].strip()
+        if content_type == "multipart/form-data":
+            raise ApiError(422, "unsupported_content_type", "PUT takes the image itself as the body; send "
+                           f"multipart/form-data (field `{PHOTOS_FIELD}`, one or more files) with POST "
+                           f"/v1/batches/{batch_id}/persons/{person_id}/photos", "Content-Type")
         if content_type not in PHOTO_CONTENT_TYPES:
             raise ApiError(422, "unsupported_content_type", f"send the image itself as the body with Content-Type "
                            f"{', '.join(PHOTO_CONTENT_TYPES)} (not {content_type})", "Content-Type")
@@ -282,13 +303,8 @@ def create_app(config) -> FastAPI:
         if not data:
             raise ApiError(422, "empty_body", "the body is empty: send the image's bytes", "body")
 
-        def store_photo() -> dict[str, Any]:
-            with service.person_lock(ctx.tenant, batch_id, person_id):
-                return client.add_photo_bytes(config, tenant=ctx.tenant, batch_id=batch_id, person_id=person_id,
-                                              filename=filename, data=data, store=service.store)
-
         try:
-            result = await run_in_threadpool(store_photo)
+            result = await run_in_threadpool(store_photo, ctx.tenant, batch_id, person_id, filename, data)
         except ingest.PhotoRejected as rejected:
             raise ApiError(422, f"photo_{rejected.reason}", rejected.message, "body") from None
         except ObjectNotFound:
@@ -298,6 +314,77 @@ def create_app(config) -> FastAPI:
         if not result["stored"]:
             response.status_code = 200
         return {"tenant": ctx.tenant, "batch_id": batch_id, **result}
+
+    @app.post(f"{v1}/batches/{{batch_id}}/persons/{{person_id}}/photos", response_model=s.PhotosOut,
+              status_code=201, responses={200: {"model": s.PhotosOut, "description": "no photo was new (each was "
+                                                "rejected, or already stored under its name)"}, **ERROR_RESPONSES},
+              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                  "type": "object", "required": [PHOTOS_FIELD],
+                  "properties": {PHOTOS_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"},
+                                                "description": "the photos (JPEG, PNG or WebP), one file "
+                                                               "per part; the part's file name names it"}}}}}}},
+              summary="Upload several photos of a person in one multipart/form-data request (field `photos`); "
+                      "201 when at least one was stored, 200 when none was new")
+    async def post_photos(request: Request, response: Response, batch_id: str = Path(max_length=200),
+                          person_id: str = Path(max_length=200), ctx: TenantContext = Depends(tenant_context)):
+        def refusal() -> str | None:
+            batch = service.person_of(ctx.tenant, batch_id, person_id)
+            return client.photo_refusal(batch, service.states.load_person(ctx.tenant, batch_id, person_id))
+
+        # Refused before the body is read: the person cannot take photos now (the answer says when).
+        refused = await run_in_threadpool(refusal)
+        if refused is not None:
+            raise ApiError(409, "photo_refused", refused, "person_id")
+        cap = config.api.max_photo_bytes
+        stored: list[dict[str, Any]] = []
+        rejected: list[dict[str, Any]] = []
+        files = 0
+
+        def reject(name: str | None, reason: str, message: str) -> None:
+            rejected.append({"file": name, "reason": reason, "message": message})
+
+        async for part in file_parts(request, max_part_bytes=cap):
+            try:
+                name = part.filename
+                if part.field != PHOTOS_FIELD or name is None:
+                    reject(name or part.field, "unexpected_field", f"part {part.field!r}: send each photo as a file "
+                           f"in a part named `{PHOTOS_FIELD}` (curl -F {PHOTOS_FIELD}=@front.jpg)")
+                    continue
+                files += 1
+                if files > MAX_FILES_PER_UPLOAD:
+                    reject(name, "too_many_files", f"{name}: not stored: at most {MAX_FILES_PER_UPLOAD} files per "
+                           "request; send the rest in another request")
+                elif not FILENAME_PATTERN.fullmatch(name) or ".." in name:
+                    reject(name, "invalid_filename", f"file name {name!r} is not allowed: use 1-100 letters, digits, "
+                           "'.', '_' or '-', starting with a letter or digit (e.g. 01-front.jpg)")
+                elif part.over_cap:
+                    reject(name, "too_large_file", f"{name}: over the API's limit of {cap} bytes per photo "
+                           "(api.max_photo_bytes)")
+                elif part.size == 0:
+                    reject(name, "empty_file", f"{name}: the file is empty: send the image's bytes")
+                else:
+                    try:
+                        result = await run_in_threadpool(store_photo, ctx.tenant, batch_id, person_id, name,
+                                                         part.read())
+                    except ingest.PhotoRejected as error:
+                        reject(name, error.reason, error.message)
+                    except ObjectNotFound:
+                        raise not_found("person", person_id, "person_id") from None
+                    except ValueError as error:
+                        reject(name, "refused", str(error))
+                    else:
+                        stored.append({key: result[key] for key in ("file", "index", "stored")})
+            finally:
+                part.close()
+        if files == 0:
+            raise ApiError(422, "no_photos", f"the body has no files in field `{PHOTOS_FIELD}`: send each photo as "
+                           f"a file part named `{PHOTOS_FIELD}` (curl -F {PHOTOS_FIELD}=@front.jpg)", PHOTOS_FIELD)
+        person = await run_in_threadpool(service.states.load_person, ctx.tenant, batch_id, person_id)
+        added = sum(1 for photo in stored if photo["stored"])
+        if not added:
+            response.status_code = 200
+        return {"tenant": ctx.tenant, "batch_id": batch_id, "person_id": person_id, "photos_added": added,
+                "photos_accepted": person.photos_accepted, "photos": stored, "photos_rejected": rejected}
 
     @app.post(f"{v1}/batches/{{batch_id}}/start", response_model=s.StartOut, responses=ERROR_RESPONSES,
               summary="Start processing a created batch (persons with too few photos wait in needs_photos)")
@@ -485,8 +572,8 @@ def _parse_batch(config, document: dict[str, Any]):
     for position, person in enumerate(document.get("persons") or []):
         if isinstance(person, dict) and person.get("photos"):
             raise ApiError(422, "photos_not_allowed", "a batch created over the API lists no photo files; upload "
-                           "each photo with PUT /v1/batches/{batch_id}/persons/{person_id}/photos/{filename}",
-                           f"persons[{position}].photos")
+                           "them with POST /v1/batches/{batch_id}/persons/{person_id}/photos (multipart) or one by "
+                           "one with PUT .../photos/{filename}", f"persons[{position}].photos")
         if isinstance(person, dict):
             person.pop("photos", None)
     base_model = document.get("base_model", "tiny")

@@ -1,7 +1,8 @@
 """Request and response bodies: the same keys as the CLI's ``--json`` output.
 
 A new batch is the manifest's fields (tenant, batch, base_model, styles, images_per_style, priority,
-consent, persons); persons carry no ``photos`` (those arrive with ``PUT .../photos/{filename}``).
+consent, persons); persons carry no ``photos`` (those arrive with ``PUT .../photos/{filename}`` or a
+multipart ``POST .../photos``).
 Unknown fields are passed on to the manifest parser, which names them and what is allowed.
 """
 
@@ -105,6 +106,25 @@ class PhotoOut(BaseModel):
     index: int
     stored: bool = Field(description="false when this exact photo was already stored under this name")
     photos_accepted: int
+
+
+class PhotoStoredOut(BaseModel):
+    file: str
+    index: int
+    stored: bool = Field(description="false when this exact photo was already stored under this name")
+
+
+class PhotosOut(BaseModel):
+    """A multipart upload's outcome, per file (the keys of ``headshots add-photos --json``)."""
+
+    tenant: str
+    batch_id: str
+    person_id: str
+    photos_added: int = Field(description="photos newly stored by this request")
+    photos_accepted: int = Field(description="the person's usable photos now")
+    photos: list[PhotoStoredOut] = Field(description="the files stored (or already stored), in request order")
+    photos_rejected: list[PhotoRejectedOut] = Field(description="the files not stored: file, reason (a stable "
+                                                    "code) and message")
 
 
 class StartOut(BaseModel):

@@ -72,6 +72,44 @@ def test_a_studio_submits_polls_and_downloads_from_another_process(stack_actors,
     assert count_versions(store, "outputs", ref.prefix) > 0
 
 
+def test_a_person_waiting_for_photos_is_retried_then_gets_more_headshots(stack_actors, api_server, store):
+    tenant, api_key = new_tenant(store)
+    with api_client(api_server, api_key) as http:
+        batch_id = http.post("/v1/batches", json=batch_body("Grace Hopper")).json()["batch_id"]
+        person = f"/v1/batches/{batch_id}/persons/grace-hopper"
+
+        def grace() -> dict:
+            status = http.get(f"/v1/batches/{batch_id}").json()
+            return {"batch": status["state"], **status["persons"][0]}
+
+        # Started with no photos: the person waits in needs_photos and the batch ends without them.
+        assert http.post(f"/v1/batches/{batch_id}/start").status_code == 200
+        wait_for(lambda: grace()["batch"] == "done", 60, "the batch to end")
+        assert grace()["state"] == "needs_photos"
+        early = http.post(f"{person}/more", json={"count": 1})
+        assert early.status_code == 409 and early.json()["code"] == "invalid_state"
+        uploaded = http.post(f"{person}/photos", files=[("photos", (name, data, "image/jpeg"))
+                                                        for name, data in photo_bytes(count=4)])
+        assert uploaded.status_code == 201 and uploaded.json()["photos_accepted"] == 4, uploaded.text
+
+        retried = http.post(f"{person}/retry")
+        assert retried.status_code == 200, retried.text
+        assert retried.json() == {"tenant": tenant, "batch_id": batch_id, "person_id": "grace-hopper",
+                                  "state": "queued"}
+        wait_for(lambda: grace()["batch"] == "done" and grace()["state"] == "done", 120, "the retried person")
+        assert grace()["headshots"] == 1
+
+        more = http.post(f"{person}/more", json={"count": 1, "style": "office"})
+        assert more.status_code == 200, more.text
+        assert more.json()["added_per_style"] == {"office": 1}
+        wait_for(lambda: grace()["batch"] == "done" and grace()["state"] == "done" and grace()["headshots"] == 2,
+                 120, "the extra headshot")
+        files = http.get(f"/v1/batches/{batch_id}/download").json()["files"]
+        assert len([f for f in files if f["path"].startswith("grace-hopper/office/")]) == 2
+    # Done again: the batch has left the open-batch index (the coordinator dropped its marker).
+    assert not store.exists("state", keys.open_batch_key(tenant, batch_id))
+
+
 def test_a_deletion_link_lets_the_person_delete_themselves_once(stack_actors, api_server, store):
     tenant, api_key = new_tenant(store)
     with api_client(api_server, api_key) as http:
@@ -121,6 +159,7 @@ def test_cancel_and_delete_a_batch_over_http(stack_actors, api_server, store):
         assert cancelled.status_code == 200, cancelled.text
         assert sorted(cancelled.json()["cancelled"]) == ["ada-lovelace", "grace-hopper"]
         assert http.get(f"/v1/batches/{batch_id}").json()["state"] == "cancelled"
+        assert not store.exists("state", keys.open_batch_key(tenant, batch_id)), "a cancelled batch is not open"
         refused = http.post(f"/v1/batches/{batch_id}/start")
         assert refused.status_code == 409 and refused.json()["code"] == "invalid_state"
         deleted = http.delete(f"/v1/batches/{batch_id}", params={"include_outputs": "true"})
