@@ -347,16 +347,16 @@ def build_random_sdxl_pipeline(seed: int = 0, *, device: str | torch.device = "c
             CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
                            hidden_act="gelu", projection_dim=1280, **special)
         )
+    return _sdxl_pipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet)
+
+
+def _sdxl_pipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet) -> StableDiffusionXLPipeline:
+    """Assemble built SDXL components with the schedule every built model uses (no watermarker: the
+    random-weight models are for tests and benchmarks)."""
     pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=DPMSolverMultistepScheduler(**_SD15_SCHEDULE),
-        add_watermarker=False,
-    )
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=DPMSolverMultistepScheduler(**_SD15_SCHEDULE),
+        add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -413,18 +413,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         vae = _tiny_vae()
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=DPMSolverMultistepScheduler(**_SD15_SCHEDULE),
-        add_watermarker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _sdxl_pipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet)
 
 
 def save_tiny_model(path: str | Path, seed: int = 0, *, sdxl: bool = False) -> Path:
