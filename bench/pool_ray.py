@@ -243,6 +243,9 @@ class FifoScheduler(NaiveFifoPool):
     def eta_person_seconds(self, tenant: str, batch_id: str, person_id: str) -> None:
         return None
 
+    def eta_persons_seconds(self, tenant: str, batch_id: str) -> dict[str, float]:
+        return {}  # the FIFO baseline makes no estimates
+
 
 class SchedulerTimer:
     """perf_counter accumulators around the scheduler calls the pool makes."""
