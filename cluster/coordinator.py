@@ -36,6 +36,7 @@ from cluster.webhooks import (PERSON_EVENT_STATES, WebhookDispatcher, batch_comp
                               submitted_person_events)
 from monitoring.metrics import PERSON_STATES, create_pipeline_metrics, create_webhook_metrics, serve_metrics
 from storage import keys
+from storage.barrier import PersonDeleted, is_deleted
 from storage.retention import file_person, load_policy, parse_time
 from storage.state import BatchState, HeadshotRecord, PersonState, StateConflict, StateStore
 from storage.store import ArtifactStore, ObjectExists, StoredObject, utc_now_iso
@@ -213,13 +214,18 @@ class Coordinator:
                 person.state, person.stage, person.processed_at = "cancelled", None, utc_now_iso()
                 person.error = "cancelled by an operator"
                 await asyncio.to_thread(index_processed_person, self.store, self.policy, person)
-                await asyncio.to_thread(self.states.save_person, person)
+                try:
+                    await asyncio.to_thread(self.states.save_person, person)
+                except PersonDeleted:
+                    continue  # a deletion started meanwhile: it owns this person now
                 if key in self._persons:
                     self._persons[key] = person
                 cancelled.append(key[2])
-        # Stopped only for the cancellation: a retry may run them again.
-        self._stopped.difference_update(wanted)
-        await self.pool.allow([f"{t}/{b}/{p}/" for t, b, p in wanted])
+        # Stopped only for the cancellation: a retry may run them again (unless a deletion raced it).
+        allowed = [key for key in wanted
+                   if not await asyncio.to_thread(is_deleted, self.store, keys.PersonRef(*key))]
+        self._stopped.difference_update(allowed)
+        await self.pool.allow([f"{t}/{b}/{p}/" for t, b, p in allowed])
         self._update_person_gauge()
         return {"cancelled": cancelled, "were_running": stopped["were_running"]}
 
@@ -239,7 +245,7 @@ class Coordinator:
                              "persons can be retried")
         person.state, person.stage, person.error, person.processed_at = "queued", None, None, None
         person.attempts = {}
-        await asyncio.to_thread(self.states.save_person, person)
+        await self._save_refusing_deleted(person)
         self._stopped.discard(key)
         await self.pool.allow([f"{tenant}/{batch_id}/{person_id}/"])
         batch = await asyncio.to_thread(self.states.load_batch, tenant, batch_id)
@@ -280,7 +286,7 @@ class Coordinator:
             person.extra_images[name] = person.extra_images.get(name, 0) + count
         person.state, person.stage, person.error = "generating", "generate", None
         person.attempts = {}
-        await asyncio.to_thread(self.states.save_person, person)
+        await self._save_refusing_deleted(person)
         self._stopped.discard(key)
         await self._join_or_relaunch(batch, person)
         return {"tenant": tenant, "batch_id": batch_id, "person_id": person_id, "state": person.state,
@@ -395,6 +401,8 @@ class Coordinator:
         key = (person.tenant, person.batch_id, person.person_id)
         limits = self.config.workers
         while not person.is_final and key not in self._stopped:
+            if await self._is_deleted(key):
+                return  # its deletion started: the deletion owns the person (even after our restart)
             if person.state == "queued":
                 await self._transition(person, "ingesting")
                 continue
@@ -412,6 +420,8 @@ class Coordinator:
             except Exception as error:
                 if isinstance(error, StateSuperseded):
                     raise
+                if isinstance(_root_cause(error), PersonDeleted):
+                    self._stopped.add(key)
                 if key in self._stopped:
                     return  # deleted mid-stage: the worker refused to go on, as asked
                 cause = _root_cause(error)
@@ -579,7 +589,29 @@ class Coordinator:
                 await asyncio.to_thread(self.states.save_person, snapshot)
             except StateConflict:
                 raise StateSuperseded(person.ref.prefix) from None
+            except PersonDeleted:
+                # Its deletion started: stop here (the deletion's tombstone replaces what we wrote).
+                self._stopped.add(key)
+                return
             person.etag = snapshot.etag
+
+    async def _is_deleted(self, key: tuple[str, str, str]) -> bool:
+        """Has the person's deletion started? The store's barrier is asked, not only this process's
+        memory, so a coordinator restarted during a deletion never runs the person again."""
+        if key in self._stopped:
+            return True
+        if await asyncio.to_thread(is_deleted, self.store, keys.PersonRef(*key)):
+            self._stopped.add(key)
+            return True
+        return False
+
+    async def _save_refusing_deleted(self, person: PersonState) -> None:
+        """Save an operator's change (retry, more); a person being deleted refuses it as the caller's error."""
+        try:
+            await asyncio.to_thread(self.states.save_person, person)
+        except PersonDeleted as error:
+            self._stopped.add((person.tenant, person.batch_id, person.person_id))
+            raise ValueError(str(error)) from None
 
     def _add_objects(self, person: PersonState, objects: list[StoredObject]) -> bool:
         known = {(o.bucket, o.key, o.version_id) for o in person.objects}

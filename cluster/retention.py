@@ -100,7 +100,8 @@ class RetentionController:
         with self._lock:
             started = time.perf_counter()
             result: SweepResult = run_sweep(self.store, self.policy, now=as_of, key_store=self.key_store,
-                                            hooks=self.hooks, dry_run=dry_run)
+                                            hooks=self.hooks, dry_run=dry_run,
+                                            late_write_audit_s=self.config.retention.late_write_audit_s)
             if not dry_run:
                 self._count_deleted(result.receipt.objects)
                 self.metrics.sweep_duration_seconds.observe(time.perf_counter() - started)

@@ -30,7 +30,7 @@ from typing import Callable
 from cluster.jobs import PersonJob, StageResult
 from cluster.stages import gate_config, load_crops
 from pipeline import package
-from storage import keys
+from storage import barrier, keys
 from storage.crypto import key_store_for
 from storage.scoped import PersonScope
 from storage.store import ArtifactStore, StoredObject
@@ -62,6 +62,11 @@ def _forgets_person_key(stage):
             if self.is_stale(job):
                 raise StaleJob(f"job for {job.ref.prefix} comes from coordinator epoch {job.epoch}, but epoch "
                                f"{self._epoch} has taken over; the new coordinator re-sends what it needs")
+            # The store's word, not only this process's: a deletion this worker was never told of
+            # (it restarted, or the revoke missed it) still stops the stage before any cache is used.
+            if barrier.is_deleted(self.store, job.ref):
+                self.purge([job.ref.prefix])
+                raise barrier.PersonDeleted(job.ref, f"{stage.__name__} stage")
             try:
                 return stage(self, job, *args, **kwargs)
             finally:

@@ -22,6 +22,7 @@ from typing import Any
 from headshots.manifest import MAX_PHOTOS_PER_PERSON, BatchManifest, Consent, PersonSpec
 from pipeline import ingest
 from storage import keys
+from storage.barrier import PersonDeleted, refuse_if_deleted
 from storage.crypto import PersonKeyStore, key_store_for
 from storage.retention import RetentionPolicy, file_person, load_policy
 from storage.scoped import PersonScope
@@ -258,6 +259,17 @@ def add_photo_bytes(config, *, tenant: str, batch_id: str, person_id: str, filen
     if person_id not in batch.person_ids:
         raise ObjectNotFound(f"batch {batch_id!r} has no person {person_id!r}", bucket=store.bucket("state"),
                              key=keys.batch_state_key(tenant, batch_id))
+    try:
+        return _add_photo_bytes(config, store, states, batch, person_id=person_id, filename=filename, data=data)
+    except PersonDeleted as deleted:
+        # Raised by the deletion barrier, before or after our write (which was then removed again).
+        raise ValueError(str(deleted)) from None
+
+
+def _add_photo_bytes(config, store: ArtifactStore, states: StateStore, batch: BatchState, *, person_id: str,
+                     filename: str, data: bytes) -> dict[str, Any]:
+    tenant, batch_id = batch.tenant, batch.batch_id
+    refuse_if_deleted(store, keys.PersonRef(tenant, batch_id, person_id), "photo")
     photo = ingest.sanitize_upload(data, filename=filename, max_pixels=config.ingest.max_pixels,
                                    max_bytes=config.ingest.max_bytes, min_side=config.ingest.min_side_px)
     digest = hashlib.sha256(photo.data).hexdigest()
@@ -304,13 +316,19 @@ def add_photo_bytes(config, *, tenant: str, batch_id: str, person_id: str, filen
     raise RuntimeError(f"person {person_id!r} kept changing while a photo was added; upload it again")
 
 
+# Conflicting writes of one person's state a start rides out (each means another writer got through).
+START_CONFLICT_RETRIES = 5
+
+
 def begin_batch(config, tenant: str, batch_id: str, *, store: ArtifactStore | None = None) -> dict[str, Any]:
     """Start a ``created`` batch: persons with too few photos go to ``needs_photos`` (as at submit),
     the batch becomes ``running`` and the coordinator takes it. Starting a running batch again is a
-    no-op that returns the same answer.
+    no-op that returns the same answer, and so is a start that loses a race with another: only the
+    one that moved the batch to ``running`` submits it.
 
     Raises:
         ValueError: the batch is finished, cancelled or deleted.
+        StateConflict: a person's state kept changing under the start (retry the start).
     """
     store = store or store_for(config)
     states = StateStore(store)
@@ -319,12 +337,21 @@ def begin_batch(config, tenant: str, batch_id: str, *, store: ArtifactStore | No
         raise ValueError(f"batch {batch_id!r} is {batch.state}; only a created batch can be started")
     if batch.state == "created":
         for person in states.load_persons(batch):
-            if person.state == "queued" and person.photos_accepted < config.ingest.min_photos:
+            for attempt in range(START_CONFLICT_RETRIES + 1):
+                if not (person.state == "queued" and person.photos_accepted < config.ingest.min_photos):
+                    break
                 person.state = "needs_photos"
                 person.error = (f"{person.photos_accepted} usable photo(s); at least {config.ingest.min_photos} "
                                 "needed: add photos and retry")
                 person.processed_at = utc_now_iso()
-                states.save_person(person)
+                try:
+                    states.save_person(person)
+                    break
+                except StateConflict:
+                    if attempt == START_CONFLICT_RETRIES:
+                        raise
+                    # A concurrent start did it first, or a photo arrived: decide again on what is stored.
+                    person = states.load_person(tenant, batch_id, person.person_id)
         batch.state = "running"
         try:
             states.save_batch(batch)
@@ -332,6 +359,8 @@ def begin_batch(config, tenant: str, batch_id: str, *, store: ArtifactStore | No
             batch = states.load_batch(tenant, batch_id)  # a concurrent start (fine) or a cancel (refused)
             if batch.state != "running":
                 raise ValueError(f"batch {batch_id!r} became {batch.state} while it was started") from None
+            # A concurrent start won: it hands the batch to the coordinator, so it is submitted once.
+            return {"tenant": tenant, "batch_id": batch_id, "state": "running"}
     start_batch(config, tenant, batch_id)
     return {"tenant": tenant, "batch_id": batch_id, "state": "running"}
 
@@ -354,13 +383,18 @@ def add_photos(config, *, tenant: str, batch_id: str, person_id: str, files: lis
                       purpose=person.consent["purpose"], policy_version=person.consent["policy_version"])
     spec = PersonSpec(person_id, person.name or person_id, person.email, list(files))
     first_index = max((photo.index for photo in person.photos if photo.index >= 0), default=-1) + 1
-    added = upload_person(store, config, tenant=tenant, batch_id=batch_id, spec=spec, consent=consent,
-                          first_index=first_index)
-    person.photos.extend(added.photos)
-    for stored in added.objects:
-        person.record_object(stored)
-    person.last_upload_at = added.last_upload_at or person.last_upload_at
-    states.save_person(person)
+    try:
+        refuse_if_deleted(store, person.ref, "photo")
+        added = upload_person(store, config, tenant=tenant, batch_id=batch_id, spec=spec, consent=consent,
+                              first_index=first_index)
+        person.photos.extend(added.photos)
+        for stored in added.objects:
+            person.record_object(stored)
+        person.last_upload_at = added.last_upload_at or person.last_upload_at
+        states.save_person(person)
+    except PersonDeleted as deleted:
+        # Refused by the deletion barrier (a photo that had landed was removed again).
+        raise ValueError(str(deleted)) from None
     return {"person_id": person_id, "photos_added": added.photos_accepted, "photos_accepted": person.photos_accepted,
             "photos_rejected": [{"file": p.source, "reason": p.reason, "message": p.message}
                                 for p in added.photos if not p.accepted]}

@@ -295,10 +295,14 @@ class RetentionConfig:
     sweep_interval_s: int = 3600
     # Bucket lifecycle backstop: the store itself expires objects max_days + this many days after creation.
     lifecycle_grace_days: int = 7
+    # After an early deletion, sweeps list the person's prefixes again for this long and remove any
+    # version a writer that died between its write and its barrier check left (storage/barrier.py).
+    late_write_audit_s: int = 24 * 3600
 
     def __post_init__(self) -> None:
         _require_range("retention.sweep_interval_s", self.sweep_interval_s, 10, 7 * 24 * 3600)
         _require_range("retention.lifecycle_grace_days", self.lifecycle_grace_days, 1, 365)
+        _require_range("retention.late_write_audit_s", self.late_write_audit_s, 0, 30 * 24 * 3600)
 
 
 @dataclass(frozen=True)
@@ -358,6 +362,11 @@ class ApiConfig:
     base_models: list[str] = field(default_factory=lambda: ["tiny"])
     # Largest page `GET /v1/batches` returns.
     max_page_size: int = 200
+    # The address clients reach the API at (e.g. https://api.studio.example, optionally with a path
+    # prefix): the origin of every URL the API hands out (self-service deletion links, redirects). The
+    # request's Host header is never used. Empty: the server's own address (http://<bound ip>:<port>),
+    # which suits the local stack only. https:// unless the host is on loopback.
+    public_base_url: str = ""
 
     def __post_init__(self) -> None:
         _require_range("api.port", self.port, 0, 65535)
@@ -374,6 +383,8 @@ class ApiConfig:
             raise ConfigError(f"api.auth_cache_s must be between 0 and 3600 seconds but is {self.auth_cache_s}")
         if not isinstance(self.base_models, list) or not all(isinstance(m, str) and m for m in self.base_models):
             raise ConfigError(f"api.base_models must be a list of base model names but is {self.base_models!r}")
+        if self.public_base_url:
+            _check_public_base_url("api.public_base_url", self.public_base_url)
 
 
 @dataclass(frozen=True)
@@ -414,6 +425,26 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _check_public_base_url(key: str, url: str) -> None:
+    """An absolute http(s) origin with an optional path: https:// unless the host is on loopback."""
+    from urllib.parse import urlsplit
+
+    allowed = ("must be an absolute URL such as https://api.studio.example (optionally with a path "
+               "prefix; http:// only on loopback), without user, query or fragment")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in 0-65535)
+    except ValueError:
+        raise ConfigError(f"{key} {allowed} but is {url!r}") from None
+    if (parts.scheme not in ("http", "https") or not host or parts.username is not None or parts.password is not None
+            or parts.query or parts.fragment or "?" in url or "#" in url or any(c.isspace() for c in url)):
+        raise ConfigError(f"{key} {allowed} but is {url!r}")
+    if parts.scheme != "https" and not is_loopback_endpoint(f"[{host}]:0" if ":" in host else f"{host}:0"):
+        raise ConfigError(f"{key} {url!r} is not on loopback, so it must start with https://: the links it "
+                          "makes carry deletion tokens")
 
 
 def default_home(environ: Mapping[str, str] | None = None) -> str:

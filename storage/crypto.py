@@ -15,7 +15,10 @@ Who calls what:
 - the edge (:func:`headshots.client.upload_person`) creates the key with the person's first upload;
 - workers read it through :class:`storage.scoped.PersonScope`;
 - deletion calls :meth:`PersonKeyStore.destroy` *before* it removes the objects, and workers drop
-  their cached copy with :meth:`PersonKeyStore.forget`.
+  their cached copy with :meth:`PersonKeyStore.forget`. A destroyed key object keeps one version, a
+  *destroyed* tombstone without key material: creation is create-only, so once a key has been
+  destroyed no writer (an upload racing the deletion, a worker with a stale job) can ever make the
+  person a new one, and whatever it would have encrypted stays unwritten.
 
 No function here logs, returns in an error or puts in a ``repr`` any key material.
 """
@@ -45,6 +48,9 @@ logger = logging.getLogger(__name__)
 KEY_BYTES = 32
 NONCE_BYTES = 12  # the GCM standard nonce; random per wrap (a master key wraps far fewer than 2**32 keys)
 KEY_DOCUMENT_FORMAT = "headshots-data-key/1"
+# What a destroyed key object holds from then on: no key material, only the fact. Key creation is
+# create-only, so this version is what makes a destroyed key impossible to create again.
+DESTROYED_DOCUMENT_FORMAT = "headshots-data-key-destroyed/1"
 KEY_ARTIFACT = "state"
 KEYS_PREFIX = f"{SYSTEM_PREFIX}/keys/"
 DEFAULT_CACHE_ENTRIES = 1024
@@ -241,32 +247,39 @@ class PersonKeyStore:
         return self._remember(person, SseCustomerKey(data_key))
 
     def destroy(self, person: PersonRef) -> dict[str, Any]:
-        """Destroy the person's data key: every version and delete marker of its key object.
+        """Destroy the person's data key: replace its key object by a *destroyed* tombstone, then remove
+        every other version and delete marker.
 
-        Idempotent. Lists again after each pass and only returns once the listing is empty, so a
-        version that a concurrent writer or a lagging listing brought back is not missed.
+        Idempotent. Lists again after each pass and only returns once the tombstone is the only version,
+        so a version that a concurrent writer or a lagging listing brought back is not missed. Creation
+        is create-only, so with the tombstone in place no key can be created for the person again.
 
         Args:
             person: whose key.
 
         Returns:
-            ``{"bucket", "key", "versions_destroyed"}`` for the deletion receipt.
+            ``{"bucket", "key", "versions_destroyed", "tombstone_version_id"}`` for the deletion receipt.
 
         Raises:
-            KeyDestructionIncomplete: versions were still listed after ``DESTROY_MAX_PASSES`` passes.
-            StoreError: the store refused a listing or a removal.
+            KeyDestructionIncomplete: other versions were still listed after ``DESTROY_MAX_PASSES`` passes.
+            StoreError: the store refused a write, a listing or a removal.
         """
         key = key_object_key(person)
         bucket = self.store.bucket(KEY_ARTIFACT)
         self.forget(person)
+        # Written first, unconditionally: from here on every create-only key creation fails.
+        tombstone = self.store.put(KEY_ARTIFACT, key, json.dumps({
+            "format": DESTROYED_DOCUMENT_FORMAT, "destroyed_at": utc_now_iso()}, sort_keys=True).encode(),
+            content_type="application/json")
         destroyed = 0
         for _ in range(DESTROY_MAX_PASSES):
             remaining = [(name, version_id) for name, version_id, _ in self.store.list_versions(KEY_ARTIFACT, key)
-                         if name == key]
+                         if name == key and version_id != tombstone.version_id]
             if not remaining:
                 self.forget(person)  # a key_for() racing this call may have cached it meanwhile
                 logger.info("destroyed the data key of %s (%d object versions)", person.prefix, destroyed)
-                return {"bucket": bucket, "key": key, "versions_destroyed": destroyed}
+                return {"bucket": bucket, "key": key, "versions_destroyed": destroyed,
+                        "tombstone_version_id": tombstone.version_id}
             for name, version_id in remaining:
                 # "null" is the version id S3 gives an object written before versioning was on.
                 self.store.remove_version(KEY_ARTIFACT, name, version_id=version_id or "null")
@@ -334,6 +347,8 @@ class PersonKeyStore:
         raw = self.store.get(KEY_ARTIFACT, key_object_key(person))
         try:
             document = json.loads(raw)
+            if isinstance(document, dict) and document.get("format") == DESTROYED_DOCUMENT_FORMAT:
+                raise KeyDestroyed(person)
             if document.get("format") != KEY_DOCUMENT_FORMAT:
                 raise ValueError(f"format is {document.get('format')!r}, not {KEY_DOCUMENT_FORMAT!r}")
             wrapped = base64.b64decode(document["wrapped_key"], validate=True)
@@ -347,6 +362,24 @@ class PersonKeyStore:
                 f"{document.get('master_key_id')!r} and security.master_key is {self.master.key_id!r} "
                 "(a different master key), or the key document was copied from another person") from None
         return SseCustomerKey(data_key)
+
+
+def key_material_versions(store: ArtifactStore, key: str) -> list[str | None]:
+    """Version ids of a key object that may hold key material: every version but a destroyed tombstone
+    (a deletion receipt verifies that this is empty). Old receipts' keys, removed whole, list nothing."""
+    found = []
+    for name, version_id, is_marker in store.list_versions(KEY_ARTIFACT, key):
+        if name != key or is_marker:
+            continue
+        try:
+            document = json.loads(store.get(KEY_ARTIFACT, key, version_id=version_id))
+        except ObjectNotFound:
+            continue  # removed between the listing and the read
+        except ValueError:
+            document = None
+        if not (isinstance(document, dict) and document.get("format") == DESTROYED_DOCUMENT_FORMAT):
+            found.append(version_id)
+    return found
 
 
 def key_store_for(config, store: ArtifactStore) -> PersonKeyStore | None:

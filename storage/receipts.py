@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
 from storage import keys
-from storage.deletion import count_versions
+from storage.crypto import key_material_versions
 from storage.store import ArtifactStore, ObjectNotFound, utc_now_iso
 
 RECEIPTS_PREFIX = f"{keys.SYSTEM_PREFIX}/receipts/"
@@ -65,6 +65,8 @@ class Receipt:
     verification: dict[str, Any] = field(default_factory=dict)
     worker_purges: list[dict[str, Any]] = field(default_factory=list)
     keys_destroyed: list[dict[str, Any]] = field(default_factory=list)
+    # Early deletions: the deletion barrier raised for each person before anything was deleted.
+    barriers: list[dict[str, Any]] = field(default_factory=list)
     completed_from: list[str] = field(default_factory=list)
     finished_at: str | None = None
     dry_run: bool = False
@@ -187,7 +189,8 @@ def verify_receipt(store: ArtifactStore, receipt_id: str) -> dict[str, Any]:
                 present.append({"bucket": bucket, "key": key, "version_id": version_id})
     key_objects_present = []
     for destroyed in receipt.keys_destroyed:
-        if count_versions(store, "state", destroyed["key"]):
+        # A destroyed key keeps one version, a tombstone without key material (storage/crypto.py).
+        if key_material_versions(store, destroyed["key"]):
             key_objects_present.append(destroyed["key"])
     return {"receipt_id": receipt_id, "objects_checked": len(receipt.objects), "still_present": present,
             "keys_still_present": key_objects_present, "verified": not present and not key_objects_present,

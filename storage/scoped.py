@@ -7,13 +7,15 @@ person's own headshots). Rather than trusting every caller to build the right pr
 The scope is also where two deletion guarantees are enforced:
 - with a key store, the person's uploads, crops and models are encrypted with their own data key
   (SSE-C, see :mod:`storage.crypto`), so destroying that key makes every copy unreadable;
-- with ``revoked``, nothing more is written for a person once their deletion has started.
+- with ``revoked`` (the process's own knowledge) and the store's deletion barrier (everyone's, see
+  :mod:`storage.barrier`), nothing more is written for a person once their deletion has started.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Mapping
 
+from storage.barrier import PersonDeleted, PersonRevoked, confirm_write
 from storage.keys import PersonRef
 from storage.store import ArtifactStore, StoredObject
 
@@ -30,10 +32,6 @@ ENCRYPTED_ARTIFACTS = ("uploads", "derived", "models")
 
 class ScopeViolation(PermissionError):
     """A key outside the person's own prefix was asked for."""
-
-
-class PersonRevoked(PermissionError):
-    """A write for a person whose deletion has started."""
 
 
 class PersonScope:
@@ -104,8 +102,10 @@ class PersonScope:
 
         Raises:
             ScopeViolation: ``key`` is not the person's.
-            PersonRevoked: the person's deletion has started; nothing was written.
-            storage.crypto.KeyDestroyed: a derived or model write for a person whose key is gone.
+            PersonRevoked: the person's deletion has started (this process was told); nothing was written.
+            storage.barrier.PersonDeleted: the person's deletion barrier was up once the write landed;
+                the version written was removed again.
+            storage.crypto.KeyDestroyed: a write for a person whose key is gone (never created anew).
             storage.store.StoreError: the write failed.
         """
         key = self._check(key)
@@ -115,5 +115,7 @@ class PersonScope:
                 f"person {self.person.prefix} is being deleted: nothing more may be written for them "
                 f"(refused {artifact}:{key})")
         encryption = self._encryption(artifact, create=artifact == "uploads")
-        return self.store.put(artifact, key, data, content_type=content_type, metadata=metadata,
-                              if_absent=if_absent, **encryption)
+        written = self.store.put(artifact, key, data, content_type=content_type, metadata=metadata,
+                                 if_absent=if_absent, **encryption)
+        # After the write, never only before: see storage/barrier.py for why this order closes the race.
+        return confirm_write(self.store, self.person, artifact, written)

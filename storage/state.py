@@ -7,6 +7,10 @@ Compare-and-swap: a document loaded from the store remembers the ETag it was rea
 written into the document). Saving it sends ``If-Match`` with that ETag, so when two writers loaded the
 same version only the first save lands; the second gets :class:`StateConflict` and must reload and
 apply its change again. A document with no ETag (made in memory, or a copy) is written unconditionally.
+
+A person's deletion barrier (:mod:`storage.barrier`) wins over every save: a person save checks it
+after writing and raises :class:`storage.barrier.PersonDeleted` (the deletion's tombstone replaces
+whatever landed); an unconditional save, which could overwrite a tombstone, checks before writing too.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
-from storage import keys
+from storage import barrier, keys
 from storage.store import (ArtifactStore, ObjectExists, ObjectNotFound, StoreError, StoredObject, WriteConflict,
                            utc_now_iso)
 
@@ -262,11 +266,17 @@ class StateStore:
         Raises:
             StateConflict: the document changed since ``person`` was loaded or last saved (or exists,
                 with ``if_absent``); ``person.etag`` is left as it was.
+            storage.barrier.PersonDeleted: the person's deletion has started; their state belongs to
+                the deletion, and the caller must stop working on them.
         """
+        ref = person.ref
+        if person.etag is None and not if_absent:
+            barrier.refuse_if_deleted(self.store, ref, "state")
         person.updated_at = utc_now_iso()
-        stored = self._save(keys.person_state_key(person.ref), person.to_json(), etag=person.etag,
-                            if_absent=if_absent, what=f"person {person.ref.prefix.rstrip('/')}")
+        stored = self._save(keys.person_state_key(ref), person.to_json(), etag=person.etag,
+                            if_absent=if_absent, what=f"person {ref.prefix.rstrip('/')}")
         person.etag = stored.etag
+        barrier.refuse_if_deleted(self.store, ref, "state")
         return stored
 
     def create_person(self, person: PersonState) -> StoredObject:

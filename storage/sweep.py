@@ -4,14 +4,20 @@ Plain functions over the store; the cluster layer supplies the hooks that reach 
 (stop a person's in-flight stage, make every GPU worker purge its local copies). The Ray actor that
 runs sweeps on a timer is :mod:`cluster.retention`.
 
-Both paths follow the same order for a person:
+Both paths follow the same order for a person (an early deletion raises the person's deletion
+barrier before anything else, :mod:`storage.barrier`, so no write for them can succeed from then on):
 1. an intent is written to the receipts bucket (so a crash half-way is finished by the next sweep);
 2. the person's data key is destroyed first (crypto-erasure: escaped copies become unreadable);
 3. every version and delete marker under the person's prefix is deleted, class by class;
 4. GPU workers drop their local copies and confirm;
 5. the state document is replaced by a tombstone (ids, times, receipt ids; no names) and its older
    versions — which hold names — are deleted;
-6. the receipt is written with the verification listing, and the intent removed.
+6. the prefixes are purged once more (a write that landed just before the barrier was seen), then
+   the receipt is written with the verification listing, and the intent removed.
+
+Every sweep also audits recent early deletions: a deletion that died before its first intent is run
+again, and for ``late_write_audit_s`` after one finished its person's prefixes are listed again so
+that a writer that died between its write and its barrier check leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -23,21 +29,25 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Protocol
 
-from storage import keys
+from storage import barrier, keys
 from storage.deletion import (count_versions, list_all_versions, purge_prefix, recorded_index,
                               replace_with_tombstone)
 from storage.receipts import (RECEIPTS_PREFIX, Receipt, new_receipt_id, pending_intents, receipt_exists, remove_keys,
                               save_receipt, write_intent)
 from storage.retention import (EXPIRING_CLASSES, RECHECK_UNPROCESSED, RetentionPolicy, clock_start, due_entries,
                                file_person, format_time, parse_time, read_person_document, remove_entry)
+from storage.crypto import key_material_versions, key_object_key
 from storage.store import ArtifactStore, utc_now_iso
 
 ENCRYPTED_CLASSES = ("uploads", "derived", "models")
 SWEEP_THREADS = 8
+DEFAULT_LATE_WRITE_AUDIT_S = 24 * 3600.0
 
 
 class KeyDestroyer(Protocol):
     def destroy(self, person: keys.PersonRef) -> dict[str, Any]: ...
+
+    def forget(self, person: keys.PersonRef) -> int: ...
 
 
 @dataclass
@@ -148,8 +158,13 @@ def _record_retention(document: dict[str, Any], classes: list[str], receipt_id: 
 
 def run_sweep(store: ArtifactStore, policy: RetentionPolicy, *, now: datetime | None = None,
               key_store: KeyDestroyer | None = None, hooks: DeletionHooks | None = None, dry_run: bool = False,
-              requested_by: str = "retention-controller", threads: int = SWEEP_THREADS) -> SweepResult:
+              requested_by: str = "retention-controller", threads: int = SWEEP_THREADS,
+              late_write_audit_s: float = DEFAULT_LATE_WRITE_AUDIT_S) -> SweepResult:
     """One sweep as of ``now`` (the controller's injectable clock). Idempotent; safe to repeat.
+
+    Args:
+        late_write_audit_s: how long after an early deletion its person's prefixes are audited for
+            late writes (see the module docstring).
 
     Returns:
         The receipt (saved unless ``dry_run``) and timing.
@@ -161,6 +176,7 @@ def run_sweep(store: ArtifactStore, policy: RetentionPolicy, *, now: datetime | 
                       policy=policy.to_json(), started_at=utc_now_iso(), as_of=format_time(now), dry_run=dry_run)
     touched: list[tuple[keys.PersonRef, list[str]]] = []
     intent_keys: list[str] = []
+    finished_requests: list[keys.PersonRef] = []
     count = 0
 
     # 1. Intents left by a sweep or request that died half-way: finish them first.
@@ -193,7 +209,14 @@ def run_sweep(store: ArtifactStore, policy: RetentionPolicy, *, now: datetime | 
                                            keep_outputs="outputs" not in classes)
                 else:
                     replace_with_tombstone(store, person, updated, receipt_id=receipt.receipt_id)
+            if intent.get("kind") == "request":
+                finished_requests.append(person)
             touched.append((person, classes))
+
+    # 1b. Early deletions: finish those that died before their first intent, audit recent ones.
+    if not dry_run:
+        _audit_deletions(store, policy, receipt, touched, now=now, key_store=key_store, hooks=hooks,
+                         finished=finished_requests, late_write_audit_s=late_write_audit_s)
 
     # 2. Everything the index says is due by now, several persons at a time (deletion is I/O-bound).
     lock = threading.Lock()
@@ -270,8 +293,46 @@ def run_sweep(store: ArtifactStore, policy: RetentionPolicy, *, now: datetime | 
     receipt.verification = _verify(store, touched) if not dry_run else {"listing_count": None, "dry_run": True}
     if not dry_run:
         save_receipt(store, receipt)
+        for person in finished_requests:
+            barrier.complete_audit_marker(store, person, receipt_id=receipt.receipt_id)
         remove_keys(store, "receipts", intent_keys)
     return SweepResult(receipt=receipt, seconds=time.perf_counter() - started)
+
+
+def _audit_deletions(store: ArtifactStore, policy: RetentionPolicy, receipt: Receipt,
+                     touched: list[tuple[keys.PersonRef, list[str]]], *, now: datetime,
+                     key_store: KeyDestroyer | None, hooks: DeletionHooks, finished: list[keys.PersonRef],
+                     late_write_audit_s: float) -> None:
+    """Step 1b of a sweep: every early deletion whose audit marker is still there."""
+    just_finished = set(finished)
+    for marker in list(barrier.audit_markers(store)):
+        person = marker.person
+        if person in just_finished:
+            continue  # completed from its intents in step 1 of this very sweep
+        if marker.completed_at is None:
+            if receipt_exists(store, marker.receipt_id):
+                # It finished and saved its receipt, but died before saying so.
+                barrier.complete_audit_marker(store, person, receipt_id=marker.receipt_id)
+                continue
+            # Died before its first intent (or before anything was deleted): run it again, whole.
+            redone = delete_on_request(store, policy, [person], include_outputs=marker.include_outputs,
+                                       requested_by=f"{marker.requested_by} (finished by a sweep)",
+                                       key_store=key_store, hooks=hooks, scope={"completes": marker.receipt_id})
+            receipt.completed_from.append(redone.receipt_id)
+            continue
+        classes = list(ENCRYPTED_CLASSES) + (["outputs"] if marker.include_outputs else [])
+        late: list[dict[str, Any]] = []
+        for artifact in classes:
+            removed, _ = purge_prefix(store, artifact, person.prefix)
+            late.extend({**item.to_json(), "late_write": True} for item in removed)
+        if key_store is not None and key_material_versions(store, key_object_key(person)):
+            receipt.keys_destroyed.append({**_person_json(person), **key_store.destroy(person), "late_write": True})
+        if late:
+            receipt.objects.extend(late)
+            receipt.persons.append(_person_json(person))
+            touched.append((person, classes))
+        if parse_time(marker.completed_at) + timedelta(seconds=late_write_audit_s) <= now:
+            barrier.drop_audit_marker(store, marker)
 
 
 def _expire_receipts(store: ArtifactStore, policy: RetentionPolicy, now: datetime, receipt: Receipt) -> None:
@@ -345,7 +406,13 @@ def delete_on_request(store: ArtifactStore, policy: RetentionPolicy, persons: li
                       policy=policy.to_json(), started_at=utc_now_iso(), as_of=format_time(now),
                       scope=dict(scope or {}, include_outputs=include_outputs))
     classes = list(ENCRYPTED_CLASSES) + (["outputs"] if include_outputs else [])
-    # Stop first: after this returns no stage of these persons writes anything.
+    # The barrier before anything else: from here on no write for these persons can succeed, on any
+    # path, even in a process the stop below never reaches (storage/barrier.py).
+    for person in persons:
+        raised = barrier.raise_barrier(store, person, receipt_id=receipt.receipt_id, requested_by=requested_by,
+                                       include_outputs=include_outputs)
+        receipt.barriers.append({**_person_json(person), **raised})
+    # Then stop what runs: after this returns no stage of these persons is still working.
     hooks.stop_persons(persons)
     intent_keys: list[str] = []
     documents = {}
@@ -358,7 +425,8 @@ def delete_on_request(store: ArtifactStore, policy: RetentionPolicy, persons: li
         receipt.persons.append(_person_json(person))
     receipt.worker_purges.extend(hooks.purge_workers(persons))
     for person in persons:
-        document = documents[person]
+        # Read again: writes that landed before the barrier are in the newest version, not the first read.
+        document = read_person_document(store, person) or documents[person]
         if document is not None:
             updated = _record_retention(document, classes, receipt.receipt_id, now)
             replace_with_tombstone(store, person, updated, receipt_id=receipt.receipt_id, state="deleted",
@@ -369,7 +437,16 @@ def delete_on_request(store: ArtifactStore, policy: RetentionPolicy, persons: li
             purged, _ = purge_prefix(store, "outputs", f"{keys.batch_prefix(tenant, batch_id)}{keys.BATCH_PREFIX}/")
             receipt.objects.extend(item.to_json() for item in purged)
             hooks.repackage_batch(tenant, batch_id)
+    # A write that had already landed when its writer saw the barrier may not be undone yet: purge
+    # once more, so the verification below lists what is truly left.
+    for person in persons:
+        for artifact in classes:
+            removed, _ = purge_prefix(store, artifact, person.prefix, recorded=recorded_index(
+                (documents[person] or {}).get("objects", [])))
+            receipt.objects.extend({**item.to_json(), "late_write": True} for item in removed)
     receipt.verification = _verify(store, [(p, classes) for p in persons])
     save_receipt(store, receipt)
+    for person in persons:
+        barrier.complete_audit_marker(store, person, receipt_id=receipt.receipt_id)
     remove_keys(store, "receipts", intent_keys)
     return receipt

@@ -22,7 +22,8 @@ from headshots.config import SecurityConfig
 from headshots.manifest import PersonSpec
 from pipeline import models
 from storage import keys
-from storage.crypto import KeyDestroyed, MasterKey, PersonKeyStore, key_object_key, key_store_for
+from storage.crypto import (KeyDestroyed, MasterKey, PersonKeyStore, key_material_versions, key_object_key,
+                            key_store_for)
 from storage.keys import PersonRef
 from storage.scoped import ENCRYPTED_ARTIFACTS, PersonRevoked, PersonScope
 from storage.store import ARTIFACT_CLASSES, ArtifactStore, StoreError
@@ -102,12 +103,20 @@ def test_destroying_the_key_makes_every_escaped_copy_unreadable(store, key_store
 
     receipt = key_store.destroy(person)
 
-    assert receipt == {"bucket": store.bucket("state"), "key": key_object_key(person), "versions_destroyed": 1}
-    assert store.list_versions("state", key_object_key(person)) == []
+    left = store.list_versions("state", key_object_key(person))
+    assert receipt == {"bucket": store.bucket("state"), "key": key_object_key(person), "versions_destroyed": 1,
+                       "tombstone_version_id": left[0][1]}
+    # Only the tombstone is left, and it holds no key material: nothing wrapped, nothing to unwrap.
+    assert len(left) == 1 and key_material_versions(store, key_object_key(person)) == []
+    assert b"wrapped_key" not in store.get("state", key_object_key(person))
     with pytest.raises(KeyDestroyed, match="unrecoverable by design"):
         key_store.key_for(person)
     with pytest.raises(KeyDestroyed):
         _fresh_key_store(secure_config).key_for(person)  # no other process can rebuild it either
+    with pytest.raises(KeyDestroyed):
+        # Nor make a new one: the tombstone defeats every create-only key creation on the real server.
+        _fresh_key_store(secure_config).key_for(person, create=True)
+    assert key_material_versions(store, key_object_key(person)) == []
 
     def read_escaped(**kwargs) -> bytes:
         return store.client.get_object(escaped_bucket, escaped_key, **kwargs).read()

@@ -9,13 +9,14 @@ import os
 import pickle
 import secrets
 import stat
+import types
 import uuid
 
 import pytest
 
 from headshots import stack
 from headshots.config import Config, ConfigError, load_config
-from storage import crypto
+from storage import barrier, crypto
 from storage.crypto import (GENERATE_MASTER_KEY_COMMAND, KeyDestroyed, KeyDestructionIncomplete, KeyUnwrapError,
                             MasterKey, MasterKeyError, PersonKeyStore, key_object_key, key_store_for)
 from storage.keys import PersonRef
@@ -50,11 +51,17 @@ class _MemoryStore:
             if_absent=False):
         if if_absent and self._current(artifact, key) is not None:
             raise ObjectExists("exists", bucket=self.bucket(artifact), key=key, code="PreconditionFailed")
-        self.versions.setdefault((artifact, key), []).append((uuid.uuid4().hex, data))
+        version_id = uuid.uuid4().hex
+        self.versions.setdefault((artifact, key), []).append((version_id, data))
+        return types.SimpleNamespace(key=key, version_id=version_id)
 
     def get(self, artifact, key, *, version_id=None, ssec=None):
         self.gets += 1
-        data = self._current(artifact, key)
+        history = self.versions.get((artifact, key), [])
+        if version_id is not None:
+            data = next((found for vid, found in history if vid == version_id), None)
+        else:
+            data = self._current(artifact, key)
         if data is None:
             raise ObjectNotFound("missing", bucket=self.bucket(artifact), key=key, code="NoSuchKey")
         return data
@@ -69,7 +76,7 @@ class _MemoryStore:
     def remove_version(self, artifact, key, *, version_id):
         history = self.versions[(artifact, key)]
         history[:] = [entry for entry in history if entry[0] != version_id]
-        if not history and self.resurrect is not None:
+        if self.resurrect is not None:
             history.append((uuid.uuid4().hex, self.resurrect))
 
 
@@ -236,12 +243,34 @@ def test_destroy_removes_every_version_and_delete_marker_and_forgets_the_cached_
     store.delete("state", key_object_key(ADA))  # a stray plain delete left a marker
     store.put("state", key_object_key(ADA), b"stray")  # and someone wrote over it
     receipt = key_store.destroy(ADA)
-    assert receipt == {"bucket": "bucket-state", "key": key_object_key(ADA), "versions_destroyed": 3}
-    assert store.list_versions("state", key_object_key(ADA)) == []
+    left = store.list_versions("state", key_object_key(ADA))
+    assert receipt == {"bucket": "bucket-state", "key": key_object_key(ADA), "versions_destroyed": 3,
+                       "tombstone_version_id": left[0][1]}
+    # One version is left: the tombstone, which holds no key material.
+    assert len(left) == 1 and crypto.key_material_versions(store, key_object_key(ADA)) == []
+    assert b"wrapped_key" not in store.get("state", key_object_key(ADA))
     with pytest.raises(KeyDestroyed):
         key_store.key_for(ADA)  # not served from the cache
     assert key_store.key_for(BOB)  # nobody else's key was touched
-    assert key_store.destroy(ADA)["versions_destroyed"] == 0  # idempotent
+    assert key_store.destroy(ADA)["versions_destroyed"] == 1  # idempotent: only the older tombstone goes
+    assert crypto.key_material_versions(store, key_object_key(ADA)) == []
+
+
+def test_a_destroyed_key_can_never_be_created_again():
+    store = _MemoryStore()
+    key_store = PersonKeyStore(store, MasterKey(secrets.token_bytes(32)))
+    key_store.key_for(ADA, create=True)
+    key_store.destroy(ADA)
+    # An upload racing the deletion (or arriving after it) asks for the person's first key: refused,
+    # by the store's create-only write against the tombstone, in this process and in any other.
+    for process in (key_store, PersonKeyStore(store, key_store.master)):
+        with pytest.raises(KeyDestroyed):
+            process.key_for(ADA, create=True)
+    assert crypto.key_material_versions(store, key_object_key(ADA)) == []
+    # A person who never had a key gets the tombstone too: no key can be made for them afterwards.
+    key_store.destroy(BOB)
+    with pytest.raises(KeyDestroyed):
+        key_store.key_for(BOB, create=True)
 
 
 def test_destroy_fails_loudly_when_the_key_keeps_coming_back():
@@ -317,17 +346,24 @@ def test_key_store_for_follows_the_security_section(caplog):
 class _RecordingStore:
     def __init__(self):
         self.calls: list[tuple] = []
+        self.barriers: set[str] = set()
 
     def put(self, artifact, key, data, **kwargs):
         self.calls.append(("put", artifact, kwargs.get("ssec")))
+        return types.SimpleNamespace(key=key, version_id=f"v{len(self.calls)}")
 
     def get(self, artifact, key, **kwargs):
         self.calls.append(("get", artifact, kwargs.get("ssec")))
         return b""
 
     def exists(self, artifact, key, **kwargs):
+        if key.startswith(barrier.BARRIERS_PREFIX):
+            return key in self.barriers  # the deletion barrier: asked after every write, not recorded
         self.calls.append(("exists", artifact, kwargs.get("ssec")))
         return True
+
+    def remove_version(self, artifact, key, *, version_id):
+        self.calls.append(("remove", artifact, version_id))
 
 
 class _RecordingKeys:
@@ -370,6 +406,22 @@ def test_revoked_scope_refuses_every_write_before_a_key_or_object_is_made():
         assert isinstance(caught.value, PermissionError)
     assert store.calls == [("put", "derived", "key-of-ada")] and key_store.asked == [("ada", False)]
     assert scope.get("derived", f"{ADA.prefix}crops/000.png") == b""  # reading is still allowed
+
+
+def test_a_write_that_lands_after_the_deletion_barrier_is_removed_again_and_refused():
+    store, key_store = _RecordingStore(), _RecordingKeys()
+    scope = PersonScope(store, ADA, key_store=key_store)  # a process the deletion never told (no revoked)
+    scope.put("uploads", f"{ADA.prefix}uploads/000.jpg", b"x")
+    store.barriers.add(barrier.barrier_key(ADA))  # the deletion starts while this writer is mid-write
+    for artifact in ("uploads", "derived", "models", "outputs"):
+        store.calls.clear()
+        with pytest.raises(barrier.PersonDeleted, match="has been deleted") as caught:
+            scope.put(artifact, f"{ADA.prefix}x", b"x")
+        assert isinstance(caught.value, PersonRevoked)  # stages treat it like a revocation
+        assert store.calls[0][:2] == ("put", artifact)
+        assert store.calls[1] == ("remove", artifact, "v1"), "the version written must be removed"
+    other = PersonScope(store, BOB, key_store=key_store)
+    assert other.put("uploads", f"{BOB.prefix}uploads/000.jpg", b"x") is not None  # only ADA's barrier
 
 
 # --- config and the local stack ----------------------------------------------------------------------
