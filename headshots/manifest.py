@@ -30,6 +30,13 @@ PRIORITY_RANGE = (-100, 100)
 PERSON_FIELDS = ("name", "id", "email", "photos", "consent_given_at")
 CONSENT_FIELDS = ("collected_by", "given_at", "purpose", "policy_version")
 CONSENT_PURPOSES = ("headshots",)
+# A manifest file may be at most this large (2,000 persons with long photo lists take a fraction of it),
+# and its YAML may nest at most MAX_YAML_DEPTH levels and, with every alias expanded, hold at most
+# MAX_YAML_EXPANDED_CHARS characters: an alias repeats what its anchor names at no cost in bytes, so a
+# few lines of nested aliases ("billion laughs") would otherwise stand for gigabytes.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_YAML_DEPTH = 64
+MAX_YAML_EXPANDED_CHARS = 2 * MAX_MANIFEST_BYTES
 
 
 class ManifestError(ValueError):
@@ -101,8 +108,14 @@ def load_manifest(path: str | Path, *, known_styles: Iterable[str], overrides: d
     """
     path = Path(path)
     source = str(path)
+    too_large = f"{source}: is larger than {MAX_MANIFEST_BYTES} bytes, the most a manifest may be; split the batch"
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.is_file() and path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError(source, [too_large])
+        with path.open(encoding="utf-8") as handle:  # bounded: a FIFO or device has no size to check first
+            text = handle.read(MAX_MANIFEST_BYTES + 1)
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ManifestError(source, [too_large])
     except FileNotFoundError:
         raise ManifestError(source, [f"{source}: file not found"]) from None
     except (OSError, UnicodeDecodeError) as error:
@@ -119,13 +132,64 @@ def load_manifest(path: str | Path, *, known_styles: Iterable[str], overrides: d
     return parse_manifest(document, base_dir=path.parent, source=source, known_styles=known_styles)
 
 
+class _YamlLimitExceeded(yaml.YAMLError):
+    def __init__(self, message: str, mark):
+        super().__init__(message)
+        self.message, self.mark = message, mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses, while composing, YAML nested deeper than MAX_YAML_DEPTH, an
+    alias inside the node it names, and aliases that expand the document past MAX_YAML_EXPANDED_CHARS
+    (each node weighs its scalar's length, or the sum of its children's weights, aliases included)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._weights: dict[int, int] = {}  # id(node) -> expanded size, for nodes composed so far
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None and id(node) not in self._weights:
+                raise _YamlLimitExceeded(f"alias *{event.anchor} is inside the node it names (a recursive "
+                                         "structure)", event.start_mark)
+            return super().compose_node(parent, index)  # an unknown anchor: the composer's own error
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise _YamlLimitExceeded(f"nests deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(node, yaml.ScalarNode):
+            weight = len(node.value) + 1
+        elif isinstance(node, yaml.SequenceNode):
+            weight = 1 + sum(self._weights[id(child)] for child in node.value)
+        else:
+            weight = 1 + sum(self._weights[id(key)] + self._weights[id(value)] for key, value in node.value)
+        if weight > MAX_YAML_EXPANDED_CHARS:
+            raise _YamlLimitExceeded(f"with its aliases (*name) expanded, holds more than {MAX_YAML_EXPANDED_CHARS} "
+                                     "characters, the most a manifest may; write the entries out instead of "
+                                     "nesting aliases", node.start_mark)
+        self._weights[id(node)] = weight
+        return node
+
+
 def _document_from_yaml(source: str, text: str) -> dict[str, Any]:
+    loader = _BoundedLoader(text)
     try:
-        document = yaml.safe_load(text)
+        document = loader.get_single_data()
+    except _YamlLimitExceeded as error:
+        where = f" (at line {error.mark.line + 1}, column {error.mark.column + 1})" if error.mark else ""
+        raise ManifestError(source, [f"{source}: {error.message}{where}"]) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ManifestError(source, [f"{source}: not valid YAML{where}: {getattr(error, 'problem', error)}"]) from None
+    finally:
+        loader.dispose()
     if not isinstance(document, dict):
         raise ManifestError(source, [f"{source}: must be a mapping with keys {', '.join(MANIFEST_FIELDS)}"])
     return document
