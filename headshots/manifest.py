@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import yaml
 
 from cluster.webhooks import parse_webhooks
-from storage.keys import ID_PATTERN, slugify
+from storage.keys import ID_PATTERN, new_person_id
 
 MAX_PERSONS = 2000
 MAX_IMAGES_PER_STYLE = 64
@@ -61,7 +61,7 @@ class Consent:
 
 @dataclass
 class PersonSpec:
-    person_id: str
+    person_id: str  # the roster's 'id', or random (storage.keys.new_person_id): never derived from the name
     name: str
     email: str | None
     photos: list[Path]
@@ -286,6 +286,8 @@ def parse_manifest(document: dict[str, Any], *, base_dir: Path, source: str, kno
     elif len(raw_persons) > MAX_PERSONS:
         problems.append(f"{source}: field 'persons' has {len(raw_persons)} entries; at most {MAX_PERSONS} per batch")
     seen: dict[str, int] = {}
+    explicit_ids = {entry.get("id") for entry in raw_persons if isinstance(entry, dict)
+                    and isinstance(entry.get("id"), str)}
     for position, entry in enumerate(raw_persons):
         where = f"{source}: persons[{position}]"
         if not isinstance(entry, dict):
@@ -298,15 +300,21 @@ def parse_manifest(document: dict[str, Any], *, base_dir: Path, source: str, kno
         if not isinstance(person_name, str) or not person_name.strip():
             problems.append(f"{where}.name must be the person's name but is {person_name!r}")
             continue
-        explicit_id = entry.get("id")
-        person_id = explicit_id if explicit_id is not None else slugify(person_name)
+        person_id = entry.get("id")
+        if person_id is None:
+            # Random, never derived from the name: the id is in every key, the batch manifest and the
+            # receipts that outlive the person. Made once, here; the batch state keeps it from then on.
+            person_id = new_person_id()
+            while person_id in seen or person_id in explicit_ids:
+                person_id = new_person_id()
         if not isinstance(person_id, str) or not ID_PATTERN.fullmatch(person_id):
-            problems.append(f"{where}: person id {person_id!r} is not a valid id (1-63 lowercase letters, digits "
-                            "and '-'); give the person an explicit 'id' field")
+            problems.append(f"{where}.id {person_id!r} is not a valid id (1-63 lowercase letters, digits and '-', "
+                            "starting with a letter or digit); leave 'id' out and a random one is made")
             continue
         if person_id in seen:
             problems.append(f"{where}: person id {person_id!r} is already used by persons[{seen[person_id]}]; "
-                            "person ids must be unique within a batch: give one of them an explicit 'id' field")
+                            "person ids must be unique within a batch: give each person a different 'id', or "
+                            "leave 'id' out and a random one is made")
             continue
         seen[person_id] = position
         email = entry.get("email")

@@ -48,6 +48,18 @@ def slugify(text: str, *, max_length: int = 63) -> str:
     return slug[:max_length].rstrip("-")
 
 
+PERSON_ID_PREFIX = "p-"
+
+
+def new_person_id() -> str:
+    """A person id for a roster entry without one: ``p-`` and 12 random hex digits (48 bits).
+
+    Never derived from the name, the email or anything else about the person: the id is in every key
+    of theirs, in the batch manifest, the download's folders and the deletion receipts that are kept.
+    """
+    return f"{PERSON_ID_PREFIX}{secrets.token_hex(6)}"
+
+
 def new_batch_id(display_name: str, *, now: datetime | None = None) -> str:
     """A unique batch id: ``<slug>-<yyyymmdd>-<random>``."""
     now = now or datetime.now(timezone.utc)
