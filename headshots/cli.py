@@ -18,6 +18,8 @@ EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT = 0, 1, 2
 WATCH_POLL_S = 1.0
 DEMO_MANIFEST = Path(__file__).resolve().parent.parent / "examples" / "demo" / "team.yaml"
 PER_PERSON_BARS_MAX = 20
+# Display names in `status` lines are cut to this many characters.
+NAME_WIDTH = 32
 
 
 class UsageError(Exception):
@@ -281,9 +283,16 @@ def cmd_submit(args, config) -> int:
         print(json.dumps({"tenant": result.tenant, "batch_id": result.batch_id}))
         return EXIT_OK
     print(f"submitted batch {result.batch_id} (tenant {result.tenant}, {len(result.persons)} persons)")
+    # Person ids are random: the operator's terminal shows whose is whose (names from the manifest in hand).
+    names = {spec.person_id: spec.name for spec in manifest.persons}
+    listed = len(result.persons) <= PER_PERSON_BARS_MAX
     for person in result.persons:
+        if listed:
+            print(f"  {_person_label(person['person_id'], names)}: {person['photos_accepted']} photo(s) accepted")
         for rejected in person["photos_rejected"]:
-            print(f"  {person['person_id']}: photo rejected: {rejected['message']}")
+            print(f"  {_person_label(person['person_id'], names)}: photo rejected: {rejected['message']}")
+    if not listed:
+        print(f"  person ids with names: `headshots status {result.batch_id}`")
     if args.watch:
         watch(resolved, result.batch_id, tenant=result.tenant)
     return EXIT_OK
@@ -318,8 +327,12 @@ def cmd_status(args, config) -> int:
     else:
         eta = f", ETA {format_eta(summary['eta_seconds'])}" if summary["eta_seconds"] is not None else ""
         print(f"batch {summary['batch_id']} ({summary['tenant']}): {summary['state']}{eta}")
+        names = person_names(resolved, summary["tenant"], summary["batch_id"])
+        width = max([len(name) for name in names.values()] + [4])
         for person in summary["persons"]:
-            line = f"  {person['person_id']:<32} {person['state']:<13} {person['headshots']} headshots"
+            name = names.get(person["person_id"]) or "-"
+            line = (f"  {person['person_id']:<16} {name:<{min(width, NAME_WIDTH)}.{NAME_WIDTH}} "
+                    f"{person['state']:<13} {person['headshots']} headshots")
             if person["eta_seconds"] is not None:
                 line += f"  ETA {format_eta(person['eta_seconds'])}"
             print(line + (f"  — {person['error']}" if person["error"] else ""))
@@ -676,14 +689,18 @@ def watch(config, batch_id: str, *, tenant: str | None = None) -> dict[str, Any]
     console = Console(stderr=False)
     summary = client.batch_status(config, batch_id, tenant=tenant)
     total = len(summary["persons"])
-    with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+    names = person_names(config, summary["tenant"], summary["batch_id"]) if total <= PER_PERSON_BARS_MAX else {}
+    labels = {p["person_id"]: f"  {p['person_id']} {names.get(p['person_id'], '')[:NAME_WIDTH]}".rstrip()
+              for p in summary["persons"]} if total <= PER_PERSON_BARS_MAX else {}
+    width = max([len(label) for label in labels.values()] + [28])
+    with Progress(TextColumn(f"{{task.description:<{width}}}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=console, transient=False) as progress:
         stage_tasks = {stage: progress.add_task(f"stage {stage}", total=total, note="") for stage in stage_order}
         person_tasks = {}
         if total <= PER_PERSON_BARS_MAX:
-            person_tasks = {p["person_id"]: progress.add_task(f"  {p['person_id'][:26]}", total=4, note="")
-                            for p in summary["persons"]}
+            person_tasks = {person_id: progress.add_task(label, total=4, note="")
+                            for person_id, label in labels.items()}
         while True:
             for stage_index, stage in enumerate(stage_order):
                 finished = sum(1 for p in summary["persons"]
@@ -707,9 +724,25 @@ def watch(config, batch_id: str, *, tenant: str | None = None) -> dict[str, Any]
             summary = client.batch_status(config, batch_id, tenant=tenant)
     for person in summary["persons"]:
         if person["error"]:
-            console.print(f"{person['person_id']}: {person['state']}: {person['error']}")
+            console.print(f"{_person_label(person['person_id'], names)}: {person['state']}: {person['error']}")
     console.print(f"batch {batch_id}: {summary['state']}")
     return summary
+
+
+def person_names(config, tenant: str, batch_id: str) -> dict[str, str]:
+    """Person id -> display name, from the persons' state documents (the only place names are kept), for
+    the operator's terminal: never logged, never in ``--json`` output. A deleted person has none."""
+    from headshots.client import store_for
+    from storage.state import StateStore
+
+    states = StateStore(store_for(config))
+    return {person.person_id: person.name for person in states.load_persons(states.load_batch(tenant, batch_id))
+            if person.name}
+
+
+def _person_label(person_id: str, names: dict[str, str]) -> str:
+    name = names.get(person_id)
+    return f"{person_id} ({name})" if name else person_id
 
 
 def format_eta(seconds: float) -> str:
