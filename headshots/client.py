@@ -23,7 +23,7 @@ from headshots.manifest import MAX_PHOTOS_PER_PERSON, BatchManifest, Consent, Pe
 from pipeline import ingest
 from storage import keys
 from storage.barrier import PersonDeleted, refuse_if_deleted
-from storage.crypto import PersonKeyStore, key_store_for
+from storage.crypto import KeyDestroyed, PersonKeyStore, key_store_for
 from storage.retention import RetentionPolicy, file_person, load_policy
 from storage.scoped import PersonScope
 from storage.state import BatchState, PersonState, PhotoRecord, StateConflict, StateStore
@@ -264,6 +264,9 @@ def add_photo_bytes(config, *, tenant: str, batch_id: str, person_id: str, filen
     except PersonDeleted as deleted:
         # Raised by the deletion barrier, before or after our write (which was then removed again).
         raise ValueError(str(deleted)) from None
+    except KeyDestroyed:
+        # The first photo's key creation met the destroyed key's tombstone: a deletion got there first.
+        raise ValueError(str(PersonDeleted(keys.PersonRef(tenant, batch_id, person_id), "photo"))) from None
 
 
 def _add_photo_bytes(config, store: ArtifactStore, states: StateStore, batch: BatchState, *, person_id: str,
@@ -395,6 +398,8 @@ def add_photos(config, *, tenant: str, batch_id: str, person_id: str, files: lis
     except PersonDeleted as deleted:
         # Refused by the deletion barrier (a photo that had landed was removed again).
         raise ValueError(str(deleted)) from None
+    except KeyDestroyed:
+        raise ValueError(str(PersonDeleted(person.ref, "photo"))) from None
     return {"person_id": person_id, "photos_added": added.photos_accepted, "photos_accepted": person.photos_accepted,
             "photos_rejected": [{"file": p.source, "reason": p.reason, "message": p.message}
                                 for p in added.photos if not p.accepted]}
