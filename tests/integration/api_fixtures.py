@@ -87,10 +87,16 @@ def api_client(server: ApiServer, api_key: str | None, **headers: str) -> httpx.
     return httpx.Client(base_url=server.url, headers=headers, timeout=120)
 
 
+# Person ids a studio's own system gives (never a name); persons not listed here get random ids.
+ADA, GRACE = "emp-1815", "emp-1906"
+PERSON_IDS = {"Ada Lovelace": ADA, "Grace Hopper": GRACE}
+
+
 def batch_body(*persons: str, name: str = "Team", styles=("office",), images_per_style: int = 1) -> dict:
     return {"batch": name, "base_model": "tiny", "styles": list(styles), "images_per_style": images_per_style,
             "consent": {"collected_by": "hr@studio.example", "given_at": "2026-11-20"},
-            "persons": [{"name": person} for person in persons]}
+            "persons": [{"name": person, **({"id": PERSON_IDS[person]} if person in PERSON_IDS else {})}
+                        for person in persons]}
 
 
 def photo_bytes(person: str = "grace-hopper", count: int = 4) -> list[tuple[str, bytes]]:

@@ -17,8 +17,9 @@ from storage import keys
 from storage.receipts import Receipt, new_receipt_id, save_receipt
 from storage.state import HeadshotRecord, StateStore
 from storage.store import utc_now_iso
-from tests.integration.api_fixtures import (TEST_MAX_PHOTO_BYTES, TEST_MAX_REQUEST_BYTES, api_client,  # noqa: F401
-                                            api_config, api_server, batch_body, new_tenant, photo_bytes)
+from tests.integration.api_fixtures import (ADA, TEST_MAX_PHOTO_BYTES, TEST_MAX_REQUEST_BYTES,  # noqa: F401
+                                            api_client, api_config, api_server, batch_body, new_tenant,
+                                            photo_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,14 @@ def two_tenants(api_server, store):
             assert created.status_code == 201, created.text
             batch_id = created.json()["batch_id"]
             name, data = photo_bytes(count=1)[0]
-            uploaded = http.put(f"/v1/batches/{batch_id}/persons/ada-lovelace/photos/{name}", content=data,
+            uploaded = http.put(f"/v1/batches/{batch_id}/persons/{ADA}/photos/{name}", content=data,
                                 headers={"Content-Type": "image/jpeg"})
             assert uploaded.status_code == 201, uploaded.text
         receipt = Receipt(receipt_id=new_receipt_id("request"), kind="request", requested_by="test", policy={},
                           started_at=utc_now_iso(), as_of=utc_now_iso(),
-                          persons=[{"tenant": tenant, "batch_id": batch_id, "person_id": "ada-lovelace"}])
+                          persons=[{"tenant": tenant, "batch_id": batch_id, "person_id": ADA}])
         save_receipt(store, receipt)
-        found[label] = {"tenant": tenant, "key": api_key, "batch_id": batch_id, "person_id": "ada-lovelace",
+        found[label] = {"tenant": tenant, "key": api_key, "batch_id": batch_id, "person_id": ADA,
                         "receipt_id": receipt.receipt_id, "photo": name}
     return found
 
@@ -114,7 +115,7 @@ def test_path_traversal_and_invalid_ids_are_rejected(api_server, two_tenants, ba
     with api_client(api_server, a["key"]) as http:
         for path in (f"/v1/batches/{bad_id}", f"/v1/batches/{a['batch_id']}/persons/{bad_id}/photos/x.jpg",
                      f"/v1/batches/{bad_id}/download", f"/v1/receipts/{bad_id}",
-                     f"/v1/batches/{a['batch_id']}/persons/ada-lovelace/photos/{bad_id}"):
+                     f"/v1/batches/{a['batch_id']}/persons/{ADA}/photos/{bad_id}"):
             method = "PUT" if "/photos/" in path else "GET"
             response = http.request(method, path, content=b"x" if method == "PUT" else None)
             assert response.status_code in (404, 405, 422), (path, response.status_code, response.text)
@@ -173,7 +174,7 @@ def test_a_batch_over_the_api_takes_photos_one_by_one(api_server, store):
     _, api_key = new_tenant(store)
     with api_client(api_server, api_key) as http:
         batch_id = http.post("/v1/batches", json=batch_body("Ada Lovelace")).json()["batch_id"]
-        path = f"/v1/batches/{batch_id}/persons/ada-lovelace/photos"
+        path = f"/v1/batches/{batch_id}/persons/{ADA}/photos"
         (name, data), (_, other) = photo_bytes(count=2)
         assert http.put(f"{path}/{name}", content=data, headers={"Content-Type": "image/jpeg"}).status_code == 201
         repeat = http.put(f"{path}/{name}", content=data, headers={"Content-Type": "image/jpeg"})
@@ -193,7 +194,7 @@ def test_a_multipart_upload_stores_several_photos_and_reports_each_file(api_serv
     (first, first_data), (second, second_data) = photo_bytes(count=2)
     with api_client(api_server, api_key) as http:
         batch_id = http.post("/v1/batches", json=batch_body("Ada Lovelace")).json()["batch_id"]
-        path = f"/v1/batches/{batch_id}/persons/ada-lovelace/photos"
+        path = f"/v1/batches/{batch_id}/persons/{ADA}/photos"
         files = [("photos", (first, first_data, "image/jpeg")), ("photos", (second, second_data, "image/jpeg")),
                  ("photos", ("broken.jpg", b"not an image at all", "image/jpeg")),
                  ("photos", ("bad name.jpg", first_data, "image/jpeg")),
@@ -216,14 +217,14 @@ def test_a_multipart_upload_stores_several_photos_and_reports_each_file(api_serv
         assert repeat.status_code == 200
         # Multipart belongs to POST; a body with no `photos` file is refused.
         wrong = http.put(f"{path}/{first}", files=files[:1])
-        assert wrong.status_code == 422 and f"POST /v1/batches/{batch_id}/persons/ada-lovelace/photos" in \
+        assert wrong.status_code == 422 and f"POST /v1/batches/{batch_id}/persons/{ADA}/photos" in \
             wrong.json()["message"]
         empty = http.post(path, files=[("other", ("x.jpg", first_data, "image/jpeg"))])
         assert empty.status_code == 422 and empty.json()["code"] == "no_photos"
         raw = http.post(path, content=first_data, headers={"Content-Type": "image/jpeg"})
         assert raw.status_code == 422 and raw.json()["code"] == "unsupported_content_type"
         assert http.get(f"/v1/batches/{batch_id}").json()["persons"][0]["photos_accepted"] == 2
-    person = StateStore(store).load_person(tenant, batch_id, "ada-lovelace")
+    person = StateStore(store).load_person(tenant, batch_id, ADA)
     assert sorted(p.source for p in person.photos if p.accepted) == sorted([first, second])
 
 
@@ -255,8 +256,10 @@ def test_request_size_caps_answer_413(api_server, store):
         huge["batch"] = "x" * (TEST_MAX_REQUEST_BYTES + 10)
         too_big = http.post("/v1/batches", json=huge)
         assert too_big.status_code == 413 and too_big.json()["code"] == "body_too_large"
-        batch_id = http.post("/v1/batches", json=batch_body("Ada")).json()["batch_id"]
-        photo = http.put(f"/v1/batches/{batch_id}/persons/ada/photos/big.jpg", content=b"\xff" * (TEST_MAX_PHOTO_BYTES + 1),
+        created = http.post("/v1/batches", json=batch_body("Ada")).json()
+        # No id in the body: the answer lists the random id the person got.
+        batch_id, ada = created["batch_id"], created["persons"][0]["person_id"]
+        photo = http.put(f"/v1/batches/{batch_id}/persons/{ada}/photos/big.jpg", content=b"\xff" * (TEST_MAX_PHOTO_BYTES + 1),
                          headers={"Content-Type": "image/jpeg"})
         assert photo.status_code == 413 and photo.json()["field"] == "body"
 
@@ -264,7 +267,7 @@ def test_request_size_caps_answer_413(api_server, store):
             for _ in range(TEST_MAX_PHOTO_BYTES // 65536 + 2):
                 yield b"\xff" * 65536
 
-        streamed = http.put(f"/v1/batches/{batch_id}/persons/ada/photos/big2.jpg", content=chunked(),
+        streamed = http.put(f"/v1/batches/{batch_id}/persons/{ada}/photos/big2.jpg", content=chunked(),
                             headers={"Content-Type": "image/jpeg"})
         assert streamed.status_code == 413
 
@@ -333,15 +336,15 @@ def test_presigned_urls_work_until_expiry_then_403_and_404_once_deleted(api_serv
     tenant, api_key = new_tenant(store)
     with api_client(api_server, api_key) as http:
         batch_id = http.post("/v1/batches", json=batch_body("Ada Lovelace")).json()["batch_id"]
-        key = _deliver_fake_headshot(store, tenant, batch_id, "ada-lovelace")
+        key = _deliver_fake_headshot(store, tenant, batch_id, ADA)
         short = http.get(f"/v1/batches/{batch_id}/download", params={"expires_in_s": 3}).json()
         long = http.get(f"/v1/batches/{batch_id}/download").json()
     assert long["expires_in_s"] == 900, "the default expiry is 15 minutes"
-    [headshot] = [f for f in short["files"] if f["path"] == "ada-lovelace/office/000-1234.png"]
+    [headshot] = [f for f in short["files"] if f["path"] == f"{ADA}/office/000-1234.png"]
     assert httpx.get(headshot["url"]).content == b"\x89PNG fake headshot bytes"
     archive = httpx.get(short["zip"]["url"])
     assert archive.status_code == 200
-    assert zipfile.ZipFile(io.BytesIO(archive.content)).read("ada-lovelace/office/000-1234.png").startswith(b"\x89PNG")
+    assert zipfile.ZipFile(io.BytesIO(archive.content)).read(f"{ADA}/office/000-1234.png").startswith(b"\x89PNG")
     time.sleep(4.5)
     assert httpx.get(headshot["url"]).status_code == 403, "an expired URL must be refused"
     still_valid = [f for f in long["files"] if f["path"] == headshot["path"]][0]["url"]

@@ -13,8 +13,8 @@ import pytest
 
 from storage import keys
 from storage.deletion import count_versions
-from tests.integration.api_fixtures import (EXAMPLES, api_client, api_config, api_server,  # noqa: F401
-                                            batch_body, new_tenant, photo_bytes)
+from tests.integration.api_fixtures import (ADA, EXAMPLES, GRACE, api_client, api_config,  # noqa: F401
+                                            api_server, batch_body, new_tenant, photo_bytes)
 from tests.integration.ray_actors import remove_named_actors, wait_for
 
 STUDIO_CLIENT = Path(__file__).resolve().parent / "scripts" / "studio_client.py"
@@ -76,7 +76,7 @@ def test_a_person_waiting_for_photos_is_retried_then_gets_more_headshots(stack_a
     tenant, api_key = new_tenant(store)
     with api_client(api_server, api_key) as http:
         batch_id = http.post("/v1/batches", json=batch_body("Grace Hopper")).json()["batch_id"]
-        person = f"/v1/batches/{batch_id}/persons/grace-hopper"
+        person = f"/v1/batches/{batch_id}/persons/{GRACE}"
 
         def grace() -> dict:
             status = http.get(f"/v1/batches/{batch_id}").json()
@@ -94,7 +94,7 @@ def test_a_person_waiting_for_photos_is_retried_then_gets_more_headshots(stack_a
 
         retried = http.post(f"{person}/retry")
         assert retried.status_code == 200, retried.text
-        assert retried.json() == {"tenant": tenant, "batch_id": batch_id, "person_id": "grace-hopper",
+        assert retried.json() == {"tenant": tenant, "batch_id": batch_id, "person_id": GRACE,
                                   "state": "queued"}
         wait_for(lambda: grace()["batch"] == "done" and grace()["state"] == "done", 120, "the retried person")
         assert grace()["headshots"] == 1
@@ -105,7 +105,7 @@ def test_a_person_waiting_for_photos_is_retried_then_gets_more_headshots(stack_a
         wait_for(lambda: grace()["batch"] == "done" and grace()["state"] == "done" and grace()["headshots"] == 2,
                  120, "the extra headshot")
         files = http.get(f"/v1/batches/{batch_id}/download").json()["files"]
-        assert len([f for f in files if f["path"].startswith("grace-hopper/office/")]) == 2
+        assert len([f for f in files if f["path"].startswith(f"{GRACE}/office/")]) == 2
     # Done again: the batch has left the open-batch index (the coordinator dropped its marker).
     assert not store.exists("state", keys.open_batch_key(tenant, batch_id))
 
@@ -115,13 +115,13 @@ def test_a_deletion_link_lets_the_person_delete_themselves_once(stack_actors, ap
     with api_client(api_server, api_key) as http:
         batch_id = http.post("/v1/batches", json=batch_body("Ada Lovelace")).json()["batch_id"]
         name, data = photo_bytes(count=1)[0]
-        http.put(f"/v1/batches/{batch_id}/persons/ada-lovelace/photos/{name}", content=data,
+        http.put(f"/v1/batches/{batch_id}/persons/{ADA}/photos/{name}", content=data,
                  headers={"Content-Type": "image/jpeg"})
-        link = http.post(f"/v1/batches/{batch_id}/persons/ada-lovelace/deletion-link")
+        link = http.post(f"/v1/batches/{batch_id}/persons/{ADA}/deletion-link")
         assert link.status_code == 201, link.text
         token = link.json()["token"]
         assert link.json()["url"].endswith(f"/v1/self-service/delete?token={token}")
-    ref = keys.PersonRef(tenant, batch_id, "ada-lovelace")
+    ref = keys.PersonRef(tenant, batch_id, ADA)
     assert count_versions(store, "uploads", ref.prefix) == 1
     with api_client(api_server, None) as anonymous:  # the person pictured has no API key
         forged = anonymous.post("/v1/self-service/delete", json={"token": token[:-4] + "AAAA"})
@@ -153,11 +153,11 @@ def test_cancel_and_delete_a_batch_over_http(stack_actors, api_server, store):
     with api_client(api_server, api_key) as http:
         batch_id = http.post("/v1/batches", json=batch_body("Ada Lovelace", "Grace Hopper")).json()["batch_id"]
         for name, data in photo_bytes(count=1):
-            http.put(f"/v1/batches/{batch_id}/persons/grace-hopper/photos/{name}", content=data,
+            http.put(f"/v1/batches/{batch_id}/persons/{GRACE}/photos/{name}", content=data,
                      headers={"Content-Type": "image/jpeg"})
         cancelled = http.post(f"/v1/batches/{batch_id}/cancel")
         assert cancelled.status_code == 200, cancelled.text
-        assert sorted(cancelled.json()["cancelled"]) == ["ada-lovelace", "grace-hopper"]
+        assert sorted(cancelled.json()["cancelled"]) == [ADA, GRACE]
         assert http.get(f"/v1/batches/{batch_id}").json()["state"] == "cancelled"
         assert not store.exists("state", keys.open_batch_key(tenant, batch_id)), "a cancelled batch is not open"
         refused = http.post(f"/v1/batches/{batch_id}/start")
