@@ -394,6 +394,9 @@ def create_app(config) -> FastAPI:
             return client.begin_batch(config, ctx.tenant, batch_id, store=service.store)
         except ValueError as error:
             raise ApiError(409, "invalid_state", str(error), "batch_id") from None
+        except StateConflict:  # the batch's persons kept changing under the start (concurrent requests)
+            raise ApiError(409, "conflict", "the batch changed while it was being started; read it with GET "
+                           f"/v1/batches/{batch_id} and start it again if it is still created", "batch_id") from None
 
     @app.post(f"{v1}/batches/{{batch_id}}/cancel", response_model=s.CancelOut, responses=ERROR_RESPONSES,
               summary="Cancel a batch: running stages stop at their next step")

@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from storage.state import StateConflict
+
 logger = logging.getLogger(__name__)
 
 
@@ -79,8 +81,18 @@ def install(app: FastAPI) -> None:
         codes = {404: ("not_found", "no such endpoint: see /openapi.json for the API's paths"),
                  405: ("method_not_allowed", "this path does not take that method: see /openapi.json")}
         code, message = codes.get(error.status_code, ("http_error", str(error.detail)))
+        if error.status_code == 400 and isinstance(error.__cause__, RecursionError):
+            # FastAPI's answer when the JSON decoder gives up on a body nested past Python's recursion limit.
+            code, message = "invalid_request", "the body is nested too deeply to be read as JSON"
         return JSONResponse({"code": code, "message": message, "field": None}, status_code=error.status_code,
                             headers=getattr(error, "headers", None))
+
+    @app.exception_handler(StateConflict)
+    async def state_conflict(_: Request, __: StateConflict) -> JSONResponse:
+        # A compare-and-swap write lost to another writer that no route handled itself: the request
+        # raced another one (or the coordinator), which is the client's to retry, not a server error.
+        return JSONResponse({"code": "conflict", "message": "the resource changed while the request ran (a "
+                             "concurrent request?); read it again and retry", "field": None}, status_code=409)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, error: Exception) -> JSONResponse:
