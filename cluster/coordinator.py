@@ -209,18 +209,23 @@ class Coordinator:
         stopped = await self.stop_persons(persons, timeout_s=timeout_s)
         cancelled = []
         for key in wanted:
-            person = await asyncio.to_thread(self.states.load_person, *key)
-            if not person.is_final:
+            for _ in range(MAX_STATE_CONFLICTS + 1):
+                person = await asyncio.to_thread(self.states.load_person, *key)
+                if person.is_final:
+                    break
                 person.state, person.stage, person.processed_at = "cancelled", None, utc_now_iso()
                 person.error = "cancelled by an operator"
                 await asyncio.to_thread(index_processed_person, self.store, self.policy, person)
                 try:
                     await asyncio.to_thread(self.states.save_person, person)
+                except StateConflict:
+                    continue  # the person's run (or a deletion's tombstone) wrote first: decide again
                 except PersonDeleted:
-                    continue  # a deletion started meanwhile: it owns this person now
+                    break  # a deletion started meanwhile: it owns this person now
                 if key in self._persons:
                     self._persons[key] = person
                 cancelled.append(key[2])
+                break
         # Stopped only for the cancellation: a retry may run them again (unless a deletion raced it).
         allowed = [key for key in wanted
                    if not await asyncio.to_thread(is_deleted, self.store, keys.PersonRef(*key))]

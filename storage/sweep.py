@@ -299,6 +299,20 @@ def run_sweep(store: ArtifactStore, policy: RetentionPolicy, *, now: datetime | 
     return SweepResult(receipt=receipt, seconds=time.perf_counter() - started)
 
 
+def _purge_undelivered_outputs(store: ArtifactStore, person: keys.PersonRef, tombstone: dict[str, Any]
+                               ) -> list[dict[str, Any]]:
+    """Headshots stay downloadable after an early deletion, but only those delivered: images a stage
+    wrote without ever recording them (cut short by the deletion) are removed, every version."""
+    delivered = {record.get("key") for record in tombstone.get("headshots", [])}
+    delivered.add(keys.person_contact_sheet_key(person))
+    undelivered = [version for version in list_all_versions(store, "outputs", person.prefix)
+                   if version[0] not in delivered]
+    if not undelivered:
+        return []
+    removed, _ = purge_prefix(store, "outputs", person.prefix, exclude=frozenset(delivered), listed=undelivered)
+    return [item.to_json() for item in removed]
+
+
 def _audit_deletions(store: ArtifactStore, policy: RetentionPolicy, receipt: Receipt,
                      touched: list[tuple[keys.PersonRef, list[str]]], *, now: datetime,
                      key_store: KeyDestroyer | None, hooks: DeletionHooks, finished: list[keys.PersonRef],
@@ -429,8 +443,10 @@ def delete_on_request(store: ArtifactStore, policy: RetentionPolicy, persons: li
         document = read_person_document(store, person) or documents[person]
         if document is not None:
             updated = _record_retention(document, classes, receipt.receipt_id, now)
-            replace_with_tombstone(store, person, updated, receipt_id=receipt.receipt_id, state="deleted",
-                                   keep_outputs=not include_outputs)
+            kept, _ = replace_with_tombstone(store, person, updated, receipt_id=receipt.receipt_id, state="deleted",
+                                             keep_outputs=not include_outputs)
+            if not include_outputs:
+                receipt.objects.extend(_purge_undelivered_outputs(store, person, kept))
     if include_outputs:
         # Batch contact sheets and manifests show the deleted persons too: rebuild them without.
         for tenant, batch_id in sorted({(p.tenant, p.batch_id) for p in persons}):

@@ -20,7 +20,7 @@ from PIL import Image
 from headshots import client
 from headshots.manifest import BatchManifest, PersonSpec
 from storage import barrier, keys
-from storage.crypto import KeyDestroyed, PersonKeyStore, key_material_versions, key_object_key
+from storage.crypto import KeyDestroyed, PersonKeyStore
 from storage.deletion import count_versions
 from storage.receipts import list_receipts, verify_receipt
 from storage.retention import load_policy
@@ -28,8 +28,8 @@ from storage.scoped import PersonRevoked, PersonScope
 from storage.state import StateConflict, StateStore
 from storage.sweep import delete_on_request, run_sweep
 from tests.integration.conftest import TEST_CONSENT
+from tests.integration.deletion_audit import assert_erased
 
-PERSON_CLASSES = ("uploads", "derived", "models", "outputs")
 SEEDS = range(12)
 # Below the 50 photos a person may have: the racing uploader never hits that limit instead of the barrier.
 MAX_RACING_UPLOADS = 40
@@ -54,17 +54,6 @@ def _new_batch(config, store, tenant: str):
                                       PersonSpec("bystander", "Bea Bystander", None, [])])
     created = client.create_batch(config, manifest, store=store)
     return (keys.PersonRef(tenant, created.batch_id, "target"), keys.PersonRef(tenant, created.batch_id, "bystander"))
-
-
-def _audit_erased(store, person: keys.PersonRef, *, include_outputs: bool = True) -> None:
-    """Nothing of the person in any class, any version; state is one tombstone; the key holds no material."""
-    for artifact in PERSON_CLASSES if include_outputs else PERSON_CLASSES[:3]:
-        assert count_versions(store, artifact, person.prefix) == 0, f"{artifact} still holds {person.prefix}"
-    state_versions = store.list_versions("state", person.prefix)
-    assert [key for key, _, _ in state_versions] == [keys.person_state_key(person)], state_versions
-    tombstone = store.get_json("state", keys.person_state_key(person))
-    assert tombstone["state"] == "deleted" and tombstone["name"] is None and tombstone["email"] is None
-    assert key_material_versions(store, key_object_key(person)) == [], "the data key (or a new one) is back"
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -162,7 +151,7 @@ def test_deletion_wins_against_uploads_worker_writes_and_state_saves(seed, base_
         assert outcomes[name][-1] == "refused", (name, outcomes[name])
     assert outcomes["uploads"].count("stored") >= start_deleting_after
     # ...and nothing that got through before it was left behind.
-    _audit_erased(store, target)
+    assert_erased(store, target)
     (receipt,) = receipts
     assert verify_receipt(store, receipt.receipt_id)["verified"]
     assert receipt.barriers and receipt.barriers[0]["key"] == barrier.barrier_key(target)
@@ -175,7 +164,7 @@ def test_deletion_wins_against_uploads_worker_writes_and_state_saves(seed, base_
         PersonKeyStore(store, key_store.master).key_for(target, create=True)
     with pytest.raises(PersonRevoked):
         PersonScope(store, target).put("outputs", keys.person_contact_sheet_key(target), b"late sheet")
-    _audit_erased(store, target)
+    assert_erased(store, target)
 
     # The bystander lost nothing: every photo it was told was stored is there, readable with its key.
     assert outcomes["bystander"] == ["stored"] * BYSTANDER_UPLOADS, outcomes["bystander"]
@@ -202,7 +191,7 @@ def test_a_writer_that_died_before_its_barrier_check_is_cleaned_up_by_the_sweep(
     late_entries = [item for item in summary.receipt.objects if item.get("late_write")]
     assert [(item["key"], item["version_id"]) for item in late_entries] == [(late.key, late.version_id)]
     assert verify_receipt(store, summary.receipt.receipt_id)["verified"]
-    _audit_erased(store, target)
+    assert_erased(store, target)
     # Audited for the window, then no longer: the marker goes once it has passed.
     assert any(marker.person == target for marker in barrier.audit_markers(store))
     run_sweep(store, policy, now=now + timedelta(seconds=3601), key_store=key_store, late_write_audit_s=3600)
@@ -226,7 +215,7 @@ def test_a_deletion_that_died_right_after_its_barrier_is_finished_by_the_next_sw
                                filename="c.jpg", data=_photo(rng), store=store)
     summary = run_sweep(store, load_policy(None), key_store=key_store)
     assert summary.receipt.completed_from, "the sweep did not finish the dead deletion"
-    _audit_erased(store, target)
+    assert_erased(store, target)
     finished = [r for r in list_receipts(store, tenant=tenant, batch_id=target.batch_id, person_id="target")
                 if r.kind == "request"]
     assert len(finished) == 1 and verify_receipt(store, finished[0].receipt_id)["verified"]
