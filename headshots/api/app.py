@@ -17,6 +17,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import threading
@@ -26,8 +27,10 @@ from typing import Any
 
 from fastapi import Body, Depends, FastAPI, Header, Path, Query, Request, Response, Security
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from minio import Minio
+from starlette.routing import Match
 
 from headshots import client, operations
 from headshots.api import errors
@@ -41,6 +44,8 @@ from storage import keys
 from storage.receipts import ReceiptNotFound, list_receipts, load_receipt
 from storage.state import StateConflict, StateStore
 from storage.store import ArtifactStore, ObjectExists, ObjectNotFound, StoreUnavailable, utc_now_iso
+
+logger = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
 PHOTO_PATH = re.compile(r"^/v1/batches/[^/]+/persons/[^/]+/photos/[^/]+$")
@@ -92,17 +97,62 @@ class BodySizeLimit:
                 if declared > cap or declared < 0:
                     return await _send_json(send, 413, too_large)
         seen = 0
+        # Set once a streamed body (no Content-Length, or a short one) passes the cap. The route may turn
+        # the error raised below into another answer (FastAPI reports any failure to read a JSON body as
+        # 400), so whatever it answers then is replaced by the 413.
+        tripped = False
+        started = replaced = False
 
         async def counted_receive():
-            nonlocal seen
+            nonlocal seen, tripped
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > cap:
+                    tripped = True
                     raise ApiError(413, "body_too_large", too_large["message"], "body")
             return message
 
-        return await self.app(scope, counted_receive, send)
+        async def guarded_send(message):
+            nonlocal started, replaced
+            if replaced:
+                return  # the rest of the answer that was replaced
+            if message["type"] == "http.response.start":
+                if tripped and message["status"] != 413:
+                    replaced = True
+                    await _send_json(send, 413, too_large)
+                    return
+                started = True
+            await send(message)
+
+        try:
+            return await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if tripped and not started and not replaced:
+                return await _send_json(send, 413, too_large)
+            raise
+
+
+class TrailingSlashRedirect:
+    """``/v1/batches/`` → 307 to ``/v1/batches``, as Starlette's ``redirect_slashes`` would, but with the
+    Location built from :meth:`Service.public_base_url` (Starlette builds it from the Host header, which
+    the client chooses: a redirect to any host it names)."""
+
+    def __init__(self, app, *, service: "Service"):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.endswith("/") and path.strip("/") and "app" in scope:
+            routes = scope["app"].router.routes
+            stripped = {**scope, "path": path.rstrip("/")}
+            if (not any(route.matches(scope)[0] != Match.NONE for route in routes)
+                    and any(route.matches(stripped)[0] != Match.NONE for route in routes)):
+                query = scope.get("query_string", b"").decode("latin-1")
+                location = self.service.public_base_url(Request(scope)) + stripped["path"]
+                response = RedirectResponse(location + (f"?{query}" if query else ""), status_code=307)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 async def _send_json(send, status: int, body: dict[str, Any]) -> None:
@@ -136,6 +186,7 @@ class Service:
                             secure=store_config.public_secure if store_config.public_endpoint else store_config.secure,
                             region=store_config.region)
         self._link_secret: bytes | None = None
+        self._warned_base_url = False
         self._lock = threading.Lock()
         self._person_locks: dict[tuple[str, str, str], threading.Lock] = {}
 
@@ -171,6 +222,23 @@ class Service:
             raise not_found("person", person_id, "person_id")
         return batch
 
+    def public_base_url(self, request: Request) -> str:
+        """The origin (and path prefix) of the URLs this API hands out, without a trailing slash:
+        ``api.public_base_url`` when set, else the address of the socket the request came in on (the
+        server's own bind address, never the client's Host header)."""
+        configured = self.config.api.public_base_url
+        if configured:
+            return configured.rstrip("/")
+        server = request.scope.get("server")
+        host, port = (server[0], server[1]) if server and server[1] is not None else (
+            self.config.api.host, self.config.api.port)
+        if not self._warned_base_url:
+            self._warned_base_url = True
+            logger.warning("api.public_base_url is not set: links and redirects name this server's own address "
+                           "(%s:%s); set it to the address clients use", host, port)
+        host = f"[{host}]" if ":" in str(host) else host
+        return f"http://{host}:{port}"
+
     def presign(self, key: str, expires_s: int) -> str:
         return self.signer.presigned_get_object(self.store.bucket("outputs"), key, expires=timedelta(seconds=expires_s))
 
@@ -181,12 +249,15 @@ def create_app(config) -> FastAPI:
     app = FastAPI(title="headshots studio API", version=API_VERSION,
                   description="Batches of AI headshots for a studio's teams, with deletion on request. "
                               "Authenticate with `Authorization: Bearer <API key>`. Every error is "
-                              "`{code, message, field}`.")
+                              "`{code, message, field}`.",
+                  # Trailing-slash redirects come from TrailingSlashRedirect (Starlette's name the Host header).
+                  redirect_slashes=False)
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_request_bytes=config.api.max_request_bytes,
                        max_photo_bytes=config.api.max_photo_bytes)
     service = Service(config)
     app.state.service = service
+    app.add_middleware(TrailingSlashRedirect, service=service)
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(_: Request, __: StoreUnavailable):
@@ -495,7 +566,7 @@ def create_app(config) -> FastAPI:
         payload = {"v": 1, "t": ctx.tenant, "b": batch_id, "p": person_id, "o": include_outputs, "exp": expires,
                    "n": secrets.token_hex(4)}
         token = _sign(service.link_secret(), payload)
-        url = str(request.base_url).rstrip("/") + f"{v1}/self-service/delete?token={token}"
+        url = service.public_base_url(request) + f"{v1}/self-service/delete?token={token}"
         return {"tenant": ctx.tenant, "batch_id": batch_id, "person_id": person_id, "token": token, "url": url,
                 "expires_at": datetime.fromtimestamp(expires, timezone.utc).isoformat().replace("+00:00", "Z")}
 
