@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,9 @@ from storage.keys import PersonRef
 from storage.store import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_PERSONS = {"grace-hopper", "eileen-collins"}
+DEMO_NAMES = ("Grace Hopper", "Eileen Collins")
+# Person ids the system makes for a roster without ids: random, never from the name.
+RANDOM_ID = re.compile(r"p-[0-9a-f]{12}")
 STYLES, IMAGES_PER_STYLE = ("corporate-grey", "office"), 2
 
 
@@ -51,9 +54,13 @@ def demo(stack_home):
     return json.loads(completed.stdout)
 
 
+def demo_person_ids(demo) -> list[str]:
+    return [p["person_id"] for p in demo["persons"]]
+
+
 def test_demo_reports_every_person_done_with_headshots(demo):
     persons = {p["person_id"]: p for p in demo["persons"]}
-    assert set(persons) == DEMO_PERSONS
+    assert len(persons) == len(DEMO_NAMES) and all(RANDOM_ID.fullmatch(person_id) for person_id in persons)
     for person in persons.values():
         assert person["state"] == "done"
         assert person["headshots"] == len(STYLES) * IMAGES_PER_STYLE
@@ -66,14 +73,14 @@ def test_demo_output_folder_has_headshots_sheets_and_manifest(demo):
     output = Path(demo["output_dir"])
     manifest = json.loads((output / "manifest.json").read_text())
     images = [image for person in manifest["persons"] for image in person["images"]]
-    assert len(images) == len(DEMO_PERSONS) * len(STYLES) * IMAGES_PER_STYLE
+    assert len(images) == len(DEMO_NAMES) * len(STYLES) * IMAGES_PER_STYLE
     for image in images:
         path = output / image["file"]
         assert path.is_file(), f"{image['file']} listed in the manifest but not downloaded"
         assert {"person", "style", "prompt", "seed", "model", "timings"} <= set(image)
         assert read_digital_source_type(path.read_bytes()) == TRAINED_ALGORITHMIC_MEDIA
     assert (output / "contact-sheet.png").is_file()
-    for person in DEMO_PERSONS:
+    for person in demo_person_ids(demo):  # folders by person id
         assert (output / person / "contact-sheet.png").is_file()
 
 
@@ -89,7 +96,7 @@ def test_store_holds_every_artifact_under_the_key_layout(demo, stack_home):
 
     outputs = listed("outputs")
     assert f"{prefix}_batch/manifest.json" in outputs and f"{prefix}_batch/contact-sheet.png" in outputs
-    for person in DEMO_PERSONS:
+    for person in demo_person_ids(demo):
         headshots = [k for k in outputs if k.startswith(f"{prefix}{person}/headshots/")]
         assert len(headshots) == len(STYLES) * IMAGES_PER_STYLE
         for key in headshots:
@@ -120,6 +127,14 @@ def test_status_json_shapes(demo, stack_home):
     assert status["state"] == "done"
     for person in status["persons"]:
         assert set(person) >= {"person_id", "state", "stage", "headshots", "error"}
+    assert not [name for name in DEMO_NAMES if name in json.dumps(status)], "status --json holds ids only"
+
+
+def test_status_shows_each_persons_name_next_to_the_id(demo, stack_home):
+    lines = run_cli(stack_home, "status", demo["batch_id"]).stdout.splitlines()
+    by_id = {line.split()[0]: line for line in lines[1:]}
+    assert sorted(by_id) == sorted(demo_person_ids(demo))
+    assert sorted(next(name for name in DEMO_NAMES if name in line) for line in by_id.values()) == sorted(DEMO_NAMES)
 
 
 def test_download_zip(demo, stack_home, tmp_path):
@@ -146,7 +161,7 @@ def test_metrics_endpoint_reports_the_demo(demo, stack_home):
     # The gauge counts batches in flight (a finished batch leaves the coordinator's memory); the
     # counter keeps the total.
     done = [line for line in text.splitlines() if line.startswith('headshots_persons_finished_total{state="done"}')]
-    assert done and float(done[0].split()[-1]) >= len(DEMO_PERSONS)
+    assert done and float(done[0].split()[-1]) >= len(DEMO_NAMES)
     assert "headshots_images_generated_total" in text and "headshots_stage_duration_seconds_bucket" in text
 
 
@@ -159,7 +174,10 @@ def test_csv_roster_submitted_and_watched_to_the_end(demo, stack_home):
     batch_id = completed.stdout.split("submitted batch ", 1)[1].split()[0]
     status = json.loads(run_cli(stack_home, "status", batch_id, "--json").stdout)
     assert status["tenant"] == "acme"
-    assert [(p["state"], p["headshots"]) for p in status["persons"]] == [("done", 1)] * len(DEMO_PERSONS)
+    assert [(p["state"], p["headshots"]) for p in status["persons"]] == [("done", 1)] * len(DEMO_NAMES)
+    assert all(RANDOM_ID.fullmatch(p["person_id"]) for p in status["persons"])
+    for name in DEMO_NAMES:  # submit lists each person's id with the name from the roster
+        assert re.search(rf"p-[0-9a-f]{{12}} \({name}\): \d+ photo\(s\) accepted", completed.stdout), name
 
 
 def test_csv_roster_without_batch_fields_is_refused(stack_home):

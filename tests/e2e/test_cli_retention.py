@@ -84,8 +84,8 @@ def test_delete_a_person_with_outputs_at_once(stack):
     receipts = json.loads(run_cli(home, "receipts", "--tenant", demo["tenant"], "--batch", demo["batch_id"],
                                   "--person", person, "--json").stdout)
     assert result["receipt_id"] in [r["receipt_id"] for r in receipts]
-    text = json.dumps(receipts)
-    assert "Grace Hopper" not in text and "grace@example.com" not in text
+    text = json.dumps(receipts).lower()  # any case: a slug of a name is a name too
+    assert not [word for word in ("grace", "hopper", "eileen", "collins", "example.com") if word in text]
     assert json.loads(run_cli(home, "receipts", "--verify", result["receipt_id"], "--json").stdout)["verified"]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.test_cli_demo import DEMO_PERSONS, IMAGES_PER_STYLE, STYLES, run_cli
+from tests.e2e.test_cli_demo import DEMO_NAMES, IMAGES_PER_STYLE, STYLES, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "monitoring" / "alerts" / "rules.yaml"
@@ -136,9 +136,9 @@ def test_the_pipeline_metrics_show_the_demo_batch(scraped):
     # Counters: the persons gauge only counts batches still running, and the demo has finished.
     assert value(scraped, "headshots_batches_submitted_total") >= 1
     assert "done" in {series["metric"]["state"] for series in query(scraped, "headshots_persons")}
-    assert value(scraped, "sum(headshots_images_generated_total)") >= len(DEMO_PERSONS) * len(STYLES) * IMAGES_PER_STYLE
+    assert value(scraped, "sum(headshots_images_generated_total)") >= len(DEMO_NAMES) * len(STYLES) * IMAGES_PER_STYLE
     assert value(scraped, "sum(headshots_training_steps_total)") > 0
-    assert value(scraped, 'sum(headshots_stage_duration_seconds_count{stage="train"})') >= len(DEMO_PERSONS)
+    assert value(scraped, 'sum(headshots_stage_duration_seconds_count{stage="train"})') >= len(DEMO_NAMES)
 
 
 def test_the_privacy_metrics_show_a_healthy_retention_controller(scraped):
