@@ -9,12 +9,26 @@ A server can be restarted on exactly the same ports and data (``EmbeddedS3.resta
 find every object written before. Its S3 port only opens once it serves requests, so while it is down
 clients see "connection refused"; while it shuts down, in-flight requests may get ``InternalError``
 (HTTP 500) or a dropped connection.
+
+Only S3 with credentials reaches the data. The server's other ports listen on loopback too, where any
+local user can reach them, so each start gives them secrets of its own (``_security_environment``):
+- the filer's and master's HTTP APIs are off (``-disableHttp``): without it anyone could list, read,
+  plant or delete objects through the filer, or delete a bucket's volumes through the master;
+- the volume server's HTTP port serves and stores chunks only with a JWT signed by the master
+  (``WEED_JWT_SIGNING_KEY`` / ``..._READ_KEY``); the filer's JWT keys are set as well;
+- every gRPC port (each HTTP port P + 10000) requires a client certificate signed by a CA made for
+  this start (mutual TLS), so ``weed shell`` and other gRPC clients get nowhere without it.
+The keys live in the process environment and in ``<data_dir>/security`` (0700), never in a file
+other users can read; ``EmbeddedS3.grpc_client_environment`` gives an operator's ``weed shell`` access.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -65,6 +79,11 @@ class EmbeddedS3:
 
     def stop(self) -> None:
         stop_process(self.pid)
+
+    def grpc_client_environment(self) -> dict[str, str]:
+        """Environment that lets a gRPC client of this start (``weed shell``) in: its CA and client
+        certificate. Everything else needs none of it: S3 clients use the access key."""
+        return _grpc_environment(Path(self.data_dir) / SECURITY_DIR, ("CLIENT",))
 
     def kill(self) -> None:
         """Stop abruptly (SIGKILL), as a crash would."""
@@ -144,6 +163,92 @@ def weed_binary() -> str:
     )
 
 
+SECURITY_DIR = "security"
+# Every component of `weed mini` that serves or dials gRPC reads its certificate from its own section.
+_GRPC_COMPONENTS = ("MASTER", "VOLUME", "FILER", "S3", "ADMIN", "WORKER", "MSG_BROKER", "MSG_AGENT", "MQ", "CLIENT")
+
+
+def _private_directory(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _write_private_bytes(path: Path, data: bytes) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, 0o600)
+
+
+def _write_certificates(directory: Path) -> None:
+    """A CA made for this start and one certificate it signs (server and client use), 0600 files.
+
+    The CA's private key is never written: nothing can sign another certificate once this returns.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid_from, valid_until = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=3650)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"headshots embedded s3 ca {secrets.token_hex(4)}")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(valid_from).not_valid_after(valid_until)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    node_key = ec.generate_private_key(ec.SECP256R1())
+    node = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "headshots-embedded-s3")]))
+            .issuer_name(ca_name).public_key(node_key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(valid_from).not_valid_after(valid_until)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    _write_private_bytes(directory / "ca.crt", ca.public_bytes(serialization.Encoding.PEM))
+    _write_private_bytes(directory / "node.crt", node.public_bytes(serialization.Encoding.PEM))
+    _write_private_bytes(directory / "node.key", node_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def _grpc_environment(directory: Path, components: tuple[str, ...]) -> dict[str, str]:
+    environment = {"WEED_GRPC_CA": str(directory / "ca.crt")}
+    for component in components:
+        environment[f"WEED_GRPC_{component}_CERT"] = str(directory / "node.crt")
+        environment[f"WEED_GRPC_{component}_KEY"] = str(directory / "node.key")
+    return environment
+
+
+def _security_environment(data_dir: Path) -> dict[str, str]:
+    """Fresh secrets for one start of the server, as the environment `weed` reads them from.
+
+    JWT signing keys for the volume server (writes and reads of chunks: the master signs a token per
+    file id for the filer and the S3 gateway) and for the filer, and mutual TLS on every gRPC port.
+    All components run in one process, so new keys at each start break nothing: the S3 endpoint,
+    the credentials and the data stay the same.
+    """
+    directory = _private_directory(data_dir / SECURITY_DIR)
+    _write_certificates(directory)
+    environment = {
+        "WEED_JWT_SIGNING_KEY": secrets.token_urlsafe(32),
+        "WEED_JWT_SIGNING_READ_KEY": secrets.token_urlsafe(32),
+        "WEED_JWT_FILER_SIGNING_KEY": secrets.token_urlsafe(32),
+        "WEED_JWT_FILER_SIGNING_READ_KEY": secrets.token_urlsafe(32),
+        # The Volume UI stays off without a token (weed's default once a signing key is set).
+        "WEED_ACCESS_UI": "false",
+    }
+    environment.update(_grpc_environment(directory, _GRPC_COMPONENTS))
+    return environment
+
+
 def _port_pair_free(port: int) -> bool:
     for candidate in (port, port + _GRPC_OFFSET):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -192,8 +297,7 @@ def start_embedded_s3(
     Raises:
         EmbeddedServerError: the binary is missing or the server did not become ready.
     """
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = _private_directory(Path(data_dir))
     binary = weed_binary()
     log_path = data_dir / "weed.log"
     for attempt in range(3):
@@ -210,8 +314,13 @@ def start_embedded_s3(
             "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false",
             "-master.telemetry=false", "-master.volumeSizeLimitMB=1024", "-volume.max=0",
             f"-s3.localSocket={data_dir / 's3.sock'}", f"-filer.localSocket={data_dir / 'filer.sock'}",
+            # The filer's and master's HTTP APIs need no credentials: off. S3 and the volume
+            # server (JWT-signed chunk access) keep theirs; gRPC goes on with mutual TLS.
+            "-disableHttp",
         ]
-        environment = dict(os.environ, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
+        # A set WEED_* variable wins over any security.toml `weed` finds: these are what this start uses.
+        environment = dict(os.environ, **_security_environment(data_dir), AWS_ACCESS_KEY_ID=access_key,
+                           AWS_SECRET_ACCESS_KEY=secret_key)
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
