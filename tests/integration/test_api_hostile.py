@@ -22,10 +22,6 @@ EVIL = "evil.example"
 PUBLIC = "https://api.studio.example/headshots"
 
 
-def _served(config) -> ApiServer:
-    return ApiServer(config)
-
-
 def _service(server: ApiServer):
     """The running app's Service (routes, store client, authenticator)."""
     return server.server.config.app.state.service
@@ -70,7 +66,8 @@ def test_a_forged_host_header_is_never_reflected_without_a_public_base_url(api_s
 
 
 def test_urls_use_the_configured_public_base_url(api_config, store):
-    server = _served(api_config.replace(api=dataclasses.replace(api_config.api, public_base_url=PUBLIC + "/"))).start()
+    config = api_config.replace(api=dataclasses.replace(api_config.api, public_base_url=PUBLIC + "/"))
+    server = ApiServer(config).start()
     try:
         _, api_key = new_tenant(store)
         with api_client(server, api_key) as http:
@@ -85,7 +82,7 @@ def test_urls_use_the_configured_public_base_url(api_config, store):
 
 
 def test_invalid_keys_are_rate_limited_per_client_address(api_config, store):
-    server = _served(api_config)
+    server = ApiServer(api_config)
     now = [1000.0]
     _service(server).auth.failures = TokenBuckets(clock=lambda: now[0])  # time stands still unless moved
     server.start()
