@@ -350,6 +350,8 @@ def begin_batch(config, tenant: str, batch_id: str, *, store: ArtifactStore | No
                 try:
                     states.save_person(person)
                     break
+                except PersonDeleted:
+                    break  # deleted while the batch starts: the deletion owns the person, the rest start
                 except StateConflict:
                     if attempt == START_CONFLICT_RETRIES:
                         raise
