@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 # How often the monitor loop refreshes pool metrics, progress documents and the elastic pool.
 MONITOR_INTERVAL_S = 5.0
+# A running batch's progress document is written when it changes and at least this often, so that
+# `headshots status` can tell a quiet batch from a coordinator that stopped (headshots.client).
+PROGRESS_HEARTBEAT_S = 30.0
 # Most images `headshots more` adds per style in one call.
 MORE_MAX_IMAGES = 64
 # A person whose state keeps being changed under the coordinator is left to the other writer after this
@@ -113,7 +116,7 @@ class Coordinator:
         # Label sets of per-batch and per-tenant series, so finished batches' series can be removed.
         self._eta_series: set[tuple[str, str]] = set()
         self._queue_series: set[tuple[str, str]] = set()
-        self._progress_written: dict[tuple[str, str], dict] = {}
+        self._progress_written: dict[tuple[str, str], tuple[dict, float]] = {}  # (document, monotonic time)
         self._batch_person_series: set[tuple[str, str, str]] = set()
         # Batch webhooks, delivered from threads of their own: emit() only queues (cluster/webhooks.py).
         self.webhooks = WebhookDispatcher(self.store, config.webhooks, source="coordinator",
@@ -668,15 +671,17 @@ class Coordinator:
             await self._write_progress(tenant, batch_id)
 
     async def _write_progress(self, tenant: str, batch_id: str, *, final: bool = False) -> None:
-        """Store the batch's progress (ids, counts and ETAs only) for `headshots status`, when it changed."""
+        """Store the batch's progress (ids, counts and ETAs only) for `headshots status`, when it changed
+        or ``PROGRESS_HEARTBEAT_S`` after the last write (the heartbeat a stall is judged by)."""
         document = self.progress(tenant, batch_id)
         if final:
             document["eta_seconds"] = 0.0
         comparable = {k: v for k, v in document.items() if k != "updated_at"}
-        if self._progress_written.get((tenant, batch_id)) == comparable:
+        written = self._progress_written.get((tenant, batch_id))
+        if written is not None and written[0] == comparable and time.monotonic() - written[1] < PROGRESS_HEARTBEAT_S:
             return
         await asyncio.to_thread(self.store.put_json, "state", keys.batch_progress_key(tenant, batch_id), document)
-        self._progress_written[(tenant, batch_id)] = comparable
+        self._progress_written[(tenant, batch_id)] = (comparable, time.monotonic())
 
     def _update_person_gauge(self) -> None:
         counts = dict.fromkeys(PERSON_STATES, 0)

@@ -314,6 +314,8 @@ def cmd_status(args, config) -> int:
                     line += f"  {done}/{row['persons']} done"
                 if row["eta_seconds"] is not None:
                     line += f"  ETA {format_eta(row['eta_seconds'])}"
+                if row.get("stalled_since"):
+                    line += f"  STALLED since {row['stalled_since']}"
                 print(line)
             if not rows:
                 print("no batches yet: `headshots submit team.yaml`")
@@ -322,11 +324,13 @@ def cmd_status(args, config) -> int:
         watch(resolved, args.batch, tenant=args.tenant)
     summary = client.batch_status(resolved, args.batch, tenant=args.tenant)
     if args.json:
-        print(json.dumps({key: summary[key] for key in ("tenant", "batch_id", "state", "eta_seconds", "persons")},
-                         indent=1))
+        print(json.dumps({key: summary[key] for key in ("tenant", "batch_id", "state", "eta_seconds", "stalled_since",
+                                                         "hint", "persons")}, indent=1))
     else:
         eta = f", ETA {format_eta(summary['eta_seconds'])}" if summary["eta_seconds"] is not None else ""
         print(f"batch {summary['batch_id']} ({summary['tenant']}): {summary['state']}{eta}")
+        if summary.get("stalled_since"):
+            print(f"  STALLED: no progress since {summary['stalled_since']}; {summary['hint']}")
         names = person_names(resolved, summary["tenant"], summary["batch_id"])
         width = max([len(name) for name in names.values()] + [4])
         for person in summary["persons"]:
@@ -718,6 +722,8 @@ def watch(config, batch_id: str, *, tenant: str | None = None) -> dict[str, Any]
                 progress.update(task, completed=4 if final else reached.get(person["state"], 0), note=note)
             if summary.get("eta_seconds") is not None:
                 progress.update(stage_tasks["generate"], note=f"batch ETA {format_eta(summary['eta_seconds'])}")
+            elif summary.get("stalled_since"):
+                progress.update(stage_tasks["generate"], note=f"STALLED since {summary['stalled_since']}")
             if summary["state"] != "running":
                 break
             time.sleep(WATCH_POLL_S)

@@ -24,7 +24,7 @@ from pipeline import ingest
 from storage import keys
 from storage.barrier import PersonDeleted, refuse_if_deleted
 from storage.crypto import KeyDestroyed, PersonKeyStore, key_store_for
-from storage.retention import RetentionPolicy, file_person, load_policy
+from storage.retention import RetentionPolicy, file_person, load_policy, parse_time
 from storage.scoped import PersonScope
 from storage.state import BatchState, PersonState, PhotoRecord, StateConflict, StateStore
 from storage.store import ArtifactStore, ObjectExists, ObjectNotFound, utc_now_iso
@@ -420,19 +420,47 @@ def start_batch(config, tenant: str, batch_id: str) -> None:
     ray.get(coordinator.submit.remote(tenant, batch_id))
 
 
+# The coordinator writes a running batch's progress at least every 30 s (PROGRESS_HEARTBEAT_S in
+# cluster/coordinator.py); four heartbeats missed and the batch is reported stalled, not "ETA 3s".
+STALLED_AFTER_S = 120.0
+STALLED_HINT = ("the coordinator has stopped reporting: run `headshots up` (it restarts what is missing on the "
+                "local stack), or on Kubernetes check the Ray head pod (`kubectl get pods -l "
+                "app.kubernetes.io/component=head`); the batch resumes from the store")
+
+
+def stall_of(batch: BatchState, progress: dict[str, Any] | None, *, now: datetime | None = None) -> str | None:
+    """Since when a running batch has had no word from the coordinator (ISO-8601), or None if it is live.
+
+    Judged by the progress document's ``updated_at`` (or, before the first one, the batch document's),
+    so a batch whose coordinator died never shows an old ETA as if it were live.
+    """
+    if batch.state != "running":
+        return None
+    last = (progress or {}).get("updated_at") or batch.updated_at
+    if not last:
+        return None
+    now = now or datetime.now(timezone.utc)
+    return last if (now - parse_time(last)).total_seconds() > STALLED_AFTER_S else None
+
+
 def batch_status(config, batch_id: str, *, tenant: str | None = None,
                  store: ArtifactStore | None = None) -> dict[str, Any]:
-    """``{tenant, batch_id, state, persons: [{person_id, state, stage, headshots, error}]}``."""
+    """``{tenant, batch_id, state, eta_seconds, stalled_since, hint, persons: [{person_id, state, stage,
+    headshots, error, eta_seconds}]}``; a stalled batch (see :func:`stall_of`) shows no ETA."""
     store = store or store_for(config)
     states = StateStore(store)
     batch = states.find_batch(batch_id, tenant)
     summary = states.batch_summary(batch)
     progress = batch_progress(config, batch.tenant, batch.batch_id, store=store) or {}
+    stalled_since = stall_of(batch, progress)
+    live = batch.state == "running" and stalled_since is None
     etas = progress.get("eta_seconds_by_person", {})
-    summary["eta_seconds"] = progress.get("eta_seconds") if batch.state == "running" else None
+    summary["eta_seconds"] = progress.get("eta_seconds") if live else None
+    summary["stalled_since"] = stalled_since
+    summary["hint"] = STALLED_HINT if stalled_since else None
     for person in summary["persons"]:
         final = person["state"] in ("done", "needs_photos", "failed", "cancelled", "deleted")
-        person["eta_seconds"] = None if final or batch.state != "running" else etas.get(person["person_id"])
+        person["eta_seconds"] = None if final or not live else etas.get(person["person_id"])
     return summary
 
 
@@ -465,12 +493,13 @@ def batch_row(config, store: ArtifactStore, tenant: str, batch_id: str) -> dict[
         return None
     row = {"tenant": batch.tenant, "batch_id": batch.batch_id, "name": batch.name, "state": batch.state,
            "persons": len(batch.person_ids), "created_at": batch.created_at, "priority": batch.priority,
-           "persons_by_state": None, "eta_seconds": None}
+           "persons_by_state": None, "eta_seconds": None, "stalled_since": None}
     if batch.state == "running":
         # Running batches show their progress side by side (counts and ETA from the coordinator).
         progress = batch_progress(config, batch.tenant, batch.batch_id, store=store) or {}
         row["persons_by_state"] = progress.get("persons_by_state")
-        row["eta_seconds"] = progress.get("eta_seconds")
+        row["stalled_since"] = stall_of(batch, progress)
+        row["eta_seconds"] = None if row["stalled_since"] else progress.get("eta_seconds")
     return row
 
 

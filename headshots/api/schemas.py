@@ -77,6 +77,9 @@ class BatchOut(BaseModel):
     created_at: str | None = None
     finished_at: str | None = None
     eta_seconds: float | None = None
+    stalled_since: str | None = Field(default=None, description="set while the batch is running but its "
+                                      "coordinator has not reported for over 2 minutes (no ETA is shown then)")
+    hint: str | None = Field(default=None, description="what the operator can do about a stall")
     persons: list[PersonOut]
 
 
@@ -90,6 +93,7 @@ class BatchRow(BaseModel):
     priority: int
     persons_by_state: dict[str, int] | None = None
     eta_seconds: float | None = None
+    stalled_since: str | None = None
 
 
 class BatchPage(BaseModel):
