@@ -3,11 +3,17 @@
 ``headshots up`` starts what is not configured elsewhere and records it in ``$HEADSHOTS_HOME``:
 - ``stack.json``: pids, endpoints, ports (no secrets);
 - ``credentials.json`` (mode 0600): the generated S3 credentials;
-- ``ray-auth-token`` (mode 0600): the Ray cluster's auth token (token auth stays on, even locally,
-  because Ray binds to the machine's routable address, not loopback);
+- ``ray-auth-token`` (mode 0600): the Ray cluster's auth token (token auth stays on, even locally:
+  Ray listens on loopback only, where every local user can reach it);
 - ``master-key`` (mode 0600): the master key that wraps every person's data key (crypto-erasure),
   unless ``security.master_key`` is set. Losing it makes the stored person artifacts unreadable.
 Every other command reads these back through :func:`connect`.
+
+Everything the stack starts listens on 127.0.0.1 only: the S3 server (see ``storage/seaweed.py``) and
+the Ray head, whose node address is loopback (``--node-ip-address=127.0.0.1`` with Ray's single-machine
+mode, :data:`LOOPBACK_RAY_ENVIRONMENT`, which keeps Ray from swapping loopback for the routable address),
+so GCS, raylet, agents, workers and drivers bind 127.0.0.1. Ray's sockets and logs live under a private
+folder (0700, checked before every start: :func:`_private_directory`).
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import threading
 import time
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,24 @@ from headshots.config import Config
 logger = logging.getLogger(__name__)
 
 RAY_START_TIMEOUT_S = 120
+# `ray start` attempts when a port it was given turns out taken (chosen free, then taken by another process).
+RAY_START_ATTEMPTS = 3
+LOOPBACK_IP = "127.0.0.1"
+# Ray's single-machine mode: without it, Ray replaces 127.0.0.1 in --node-ip-address and in every
+# address a driver passes to ray.init with the machine's routable address (and binds all interfaces).
+LOOPBACK_RAY_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Where the private folder holding Ray's temp dir is made (short: Ray's unix socket paths must stay
+# under ~107 characters).
+RAY_TEMP_ROOT = Path("/tmp")
+# The ports `ray start --head` gets, every one listened on by the head once it is up...
+_RAY_LISTEN_PORT_FLAGS = ("port", "node-manager-port", "object-manager-port", "ray-client-server-port",
+                          "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                          "metrics-export-port")
+# ...and one it is given but does not open (the dashboard is off), so that it never falls back to 8265.
+_RAY_OTHER_PORT_FLAGS = ("dashboard-port",)
+# What Ray's processes log when a port they were given is taken.
+_PORT_TAKEN_SIGNATURES = ("address already in use", "errno 98", "eaddrinuse")
+_RAY_CONNECT_LOCK = threading.Lock()
 
 
 class StackError(RuntimeError):
@@ -118,22 +143,89 @@ def ray_token_path(config: Config) -> Path:
     return path
 
 
-def ray_auth_environment(config: Config) -> dict[str, str]:
-    """Environment that makes Ray clients and servers use this stack's token."""
+def _ray_token_environment(config: Config) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token_path(config))}
 
 
-def _free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def ray_auth_environment(config: Config) -> dict[str, str]:
+    """Environment for Ray servers and clients of the local stack: its token, and loopback only
+    (:data:`LOOPBACK_RAY_ENVIRONMENT`). Set it before the process imports ray."""
+    return {**_ray_token_environment(config), **LOOPBACK_RAY_ENVIRONMENT}
+
+
+def _pick_free_ports(count: int, *, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """``count`` distinct ports free on loopback now, none of them in ``exclude``.
+
+    All probe sockets stay bound until every port is chosen, so the system never hands out one port
+    twice (choosing one at a time can). A port can still be taken by another process before its
+    server binds it: :func:`_start_ray_head` then starts again with other ports.
+    """
+    probes: list[socket.socket] = []
+    chosen: list[int] = []
+    try:
+        for _ in range(count + len(exclude) + 64):
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probes.append(probe)
+            probe.bind((LOOPBACK_IP, 0))
+            port = probe.getsockname()[1]
+            if port not in exclude and port not in chosen:
+                chosen.append(port)
+                if len(chosen) == count:
+                    return chosen
+    finally:
+        for probe in probes:
+            probe.close()
+    raise StackError(f"could not find {count} free ports on {LOOPBACK_IP}")
+
+
+def _private_directory(path: Path) -> Path:
+    """Create ``path`` (mode 0700) or check that the existing one is a directory of ours that nobody
+    else can enter. Raises StackError naming the path otherwise: under a shared /tmp another user may
+    have made it first, to read or replace Ray's sockets and logs."""
+    try:
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)  # the umask may have taken the owner's bits
+    except FileExistsError:
+        pass
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        raise StackError(f"{path} disappeared while the stack was starting; run the command again") from None
+    problems = []
+    if stat.S_ISLNK(status.st_mode):
+        problems.append("is a symbolic link")
+    elif not stat.S_ISDIR(status.st_mode):
+        problems.append("is not a directory")
+    if status.st_uid != os.geteuid():
+        problems.append(f"belongs to uid {status.st_uid}, not to you (uid {os.geteuid()})")
+    if stat.S_IMODE(status.st_mode) & 0o077:
+        problems.append(f"has group/other permissions (mode {stat.S_IMODE(status.st_mode):04o}; it must be 0700)")
+    if problems:
+        raise StackError(
+            f"refusing to use {path} for the local Ray cluster's sockets and logs: it {' and '.join(problems)}. "
+            f"Another user may have made it to reach this stack's Ray. If it is yours and no stack uses it, "
+            f"remove it (`rm -rf {path}`); otherwise set HEADSHOTS_HOME to another folder (the name derives from it)."
+        )
+    return path
+
+
+def _ray_temp_paths(config: Config) -> tuple[Path, Path]:
+    """(private folder, Ray's temp dir inside it) for this $HEADSHOTS_HOME; nothing is created.
+
+    Ray makes its temp dir and everything under it world-writable (0777), so the temp dir sits in a
+    private folder of ours. Ray puts unix sockets under its temp dir and their paths must stay under
+    ~107 characters: the folder is short and derived from $HEADSHOTS_HOME (two homes never share one).
+    """
+    digest = hashlib.sha256(str(config.home_path.resolve()).encode()).hexdigest()[:12]
+    private = RAY_TEMP_ROOT / f"hs-{digest}"
+    return private, private / "ray"
 
 
 def _ray_temp_dir(config: Config) -> Path:
-    # Ray puts unix sockets under its temp dir; their paths must stay under ~100 characters, so the
-    # folder is short and derived from $HEADSHOTS_HOME (two homes never share one).
-    digest = hashlib.sha256(str(config.home_path.resolve()).encode()).hexdigest()[:10]
-    return Path("/tmp") / f"hs-ray-{digest}"
+    """Ray's temp dir, inside a private folder checked (or created 0700) now."""
+    private, temp_dir = _ray_temp_paths(config)
+    _private_directory(private)
+    return temp_dir
 
 
 def effective_config(config: Config, info: StackInfo | None = None) -> Config:
@@ -220,11 +312,13 @@ def up(config: Config) -> StackInfo:
 
     from cluster.actors import get_or_create_coordinator, get_or_create_retention_controller
 
-    metrics_port = info.metrics_port or config.metrics.port or _free_port()
+    # Both metrics ports at once, so they differ.
+    spare_ports = iter(_pick_free_ports(2))
+    metrics_port = info.metrics_port or config.metrics.port or next(spare_ports)
     coordinator = get_or_create_coordinator(resolved, metrics_port=metrics_port)
     info.metrics_port = ray.get(coordinator.ping.remote())["metrics_port"] or metrics_port
     # The retention controller sweeps once as it starts, so time the stack was down is never skipped.
-    retention_port = info.retention_metrics_port or config.metrics.retention_port or _free_port()
+    retention_port = info.retention_metrics_port or config.metrics.retention_port or next(spare_ports)
     controller = get_or_create_retention_controller(resolved, metrics_port=retention_port)
     info.retention_metrics_port = ray.get(controller.ping.remote())["metrics_port"] or retention_port
     info.started_at = info.started_at or time.time()
@@ -232,46 +326,159 @@ def up(config: Config) -> StackInfo:
     return info
 
 
-def _start_ray_head(config: Config) -> tuple[str, str]:
-    temp_dir = _ray_temp_dir(config)
+def _ray_binary() -> Path:
     ray_binary = Path(sys.executable).with_name("ray")
-    if not ray_binary.exists():
-        found = shutil.which("ray")
-        if not found:
-            raise StackError("the `ray` command is not installed; run `pip install 'ray[default]'`")
-        ray_binary = Path(found)
-    port = _free_port()
+    if ray_binary.exists():
+        return ray_binary
+    found = shutil.which("ray")
+    if not found:
+        raise StackError("the `ray` command is not installed; run `pip install 'ray[default]'`")
+    return Path(found)
+
+
+def _start_ray_head(config: Config) -> tuple[str, str]:
+    """Start the stack's Ray head on loopback; its (address, temp dir).
+
+    Its ports are chosen free and distinct, but another process can take one before Ray binds it:
+    such a start is stopped and tried again with other ports, up to RAY_START_ATTEMPTS times.
+    """
+    temp_dir = _ray_temp_dir(config)
+    binary = _ray_binary()
+    environment = dict(os.environ, **ray_auth_environment(config))
+    log_path = _home(config) / "ray-start.log"
+    tried: set[int] = set()
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        flags = _RAY_LISTEN_PORT_FLAGS + _RAY_OTHER_PORT_FLAGS
+        ports = dict(zip(flags, _pick_free_ports(len(flags), exclude=tried)))
+        tried.update(ports.values())
+        outcome = _start_ray_head_once(config, binary, temp_dir, ports, environment, log_path)
+        if outcome == "started":
+            return f"{LOOPBACK_IP}:{ports['port']}", str(temp_dir)
+        if outcome != "port taken":
+            raise StackError(f"`ray start --head` failed ({outcome}); see {log_path}")
+        logger.warning("a port given to `ray start` was taken by another process (attempt %d of %d)%s",
+                       attempt, RAY_START_ATTEMPTS, "; trying other ports" if attempt < RAY_START_ATTEMPTS else "")
+    raise StackError(
+        f"`ray start --head` failed {RAY_START_ATTEMPTS} times because other processes took ports it was given "
+        f"(each time chosen free just before); see {log_path}. Find what keeps opening ports with `ss -ltnp`, "
+        "or set ray.address to a running cluster."
+    )
+
+
+def _start_ray_head_once(config: Config, binary: Path, temp_dir: Path, ports: dict[str, int],
+                         environment: dict[str, str], log_path: Path) -> str:
+    """One `ray start --head`: "started" once every port is listened on by the new cluster's processes;
+    "port taken" if one of its processes could not bind a port (the cluster is stopped); else what failed."""
     command = [
-        str(ray_binary), "start", "--head", f"--port={port}", f"--num-gpus={config.ray.num_gpus}",
-        "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-        f"--ray-client-server-port={_free_port()}", f"--dashboard-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+        str(binary), "start", "--head", f"--node-ip-address={LOOPBACK_IP}", f"--num-gpus={config.ray.num_gpus}",
+        "--include-dashboard=false", f"--dashboard-host={LOOPBACK_IP}", "--disable-usage-stats",
+        f"--temp-dir={temp_dir}", *(f"--{flag}={port}" for flag, port in ports.items()),
     ]
     if config.ray.num_cpus:
         command.append(f"--num-cpus={config.ray.num_cpus}")
-    environment = dict(os.environ, **ray_auth_environment(config))
-    log_path = _home(config) / "ray-start.log"
+    address = f"{LOOPBACK_IP}:{ports['port']}"
+    expected = {ports[flag] for flag in _RAY_LISTEN_PORT_FLAGS}
+    sessions_before = set(temp_dir.glob("session_2*")) if temp_dir.is_dir() else set()
     with open(log_path, "ab") as log:
-        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
-                                   timeout=RAY_START_TIMEOUT_S, stdin=subprocess.DEVNULL)
-    if completed.returncode != 0:
-        raise StackError(f"`ray start --head` failed (exit {completed.returncode}); see {log_path}")
-    from ray._private.services import get_node_ip_address
+        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
+        log.flush()
+        output_from = log.tell()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
+                                   stdin=subprocess.DEVNULL)
 
-    return f"{get_node_ip_address()}:{port}", str(temp_dir)
+    def port_taken() -> bool:
+        return _port_taken_logged(log_path, output_from, temp_dir, sessions_before)
+
+    deadline = time.monotonic() + RAY_START_TIMEOUT_S
+    outcome = ""
+    while not outcome:
+        code = process.poll()
+        if code is not None and code != 0:
+            outcome = f"exit {code}"
+        elif code == 0:
+            missing = expected - _listening_ports(_ray_processes(str(temp_dir), address=address))
+            if not missing:
+                return "started"
+            if not _ray_processes(str(temp_dir), address=address):
+                outcome = "its processes exited"
+        if not outcome and port_taken():
+            outcome = "port taken"
+        if not outcome and time.monotonic() > deadline:
+            outcome = f"not up within {RAY_START_TIMEOUT_S} s"
+        if not outcome:
+            time.sleep(0.2)
+    if outcome != "port taken" and port_taken():
+        outcome = "port taken"
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    _terminate(_ray_processes(str(temp_dir), address=address), grace_s=RAY_STOP_GRACE_S)
+    return outcome
+
+
+def _listening_ports(processes: list) -> set[int]:
+    import psutil
+
+    ports = set()
+    for process in processes:
+        try:
+            connections = (getattr(process, "net_connections", None) or process.connections)(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        ports.update(c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN)
+    return ports
+
+
+def _port_taken_logged(log_path: Path, offset: int, temp_dir: Path, sessions_before: set[Path]) -> bool:
+    """Whether `ray start`'s output (from ``offset``) or the logs of the sessions it made say a port was taken."""
+    texts = []
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        texts.append(log.read())
+    for session in set(temp_dir.glob("session_2*")) - sessions_before:
+        for path in (session / "logs").glob("*"):
+            # The head's own processes; a worker's log would be about a worker port, not one of ours.
+            if path.is_file() and path.suffix in (".out", ".err", ".log") and not path.name.startswith(
+                    ("worker", "python-core-worker", "python-core-driver")):
+                try:
+                    texts.append(path.read_bytes())
+                except OSError:
+                    continue
+    text = b"\n".join(texts).decode(errors="replace").lower()
+    return any(signature in text for signature in _PORT_TAKEN_SIGNATURES)
+
+
+def _is_loopback_address(address: str) -> bool:
+    if "://" in address:
+        return False  # a Ray client address (ray://): the client does not bind
+    host = address.rpartition(":")[0].strip("[]")
+    return host in (LOOPBACK_IP, "localhost", "::1")
+
+
+def _keep_ray_on_loopback() -> None:
+    """Ray's single-machine mode, for this process and whatever it starts (even if ray is imported)."""
+    os.environ.update(LOOPBACK_RAY_ENVIRONMENT)
+    from ray._private import ray_constants
+
+    # Read once, when ray is imported: a process that imported it earlier needs the value itself.
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def connect_ray(config: Config) -> None:
-    """Connect this process to the stack's Ray cluster (idempotent)."""
+    """Connect this process to the stack's Ray cluster (idempotent, and safe from many threads at once:
+    ray.init runs once, in whichever thread comes first; the others wait and return)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    os.environ.update(ray_auth_environment(config))
-    ray.init(address=config.ray.address, namespace=config.ray.namespace, log_to_driver=False,
-             logging_level=logging.WARNING, configure_logging=False)
+    with _RAY_CONNECT_LOCK:
+        if ray.is_initialized():
+            return
+        os.environ.update(_ray_token_environment(config))
+        options: dict[str, Any] = {}
+        if _is_loopback_address(config.ray.address):
+            _keep_ray_on_loopback()
+            options["_node_ip_address"] = LOOPBACK_IP
+        ray.init(address=config.ray.address, namespace=config.ray.namespace, log_to_driver=False,
+                 logging_level=logging.WARNING, configure_logging=False, **options)
 
 
 def uses_external_services(config: Config) -> bool:
@@ -301,7 +508,7 @@ def down(config: Config) -> dict[str, Any]:
     ray_processes: list[psutil.Process] = []
     s3_processes: list[psutil.Process] = []
     if info.ray_started_here and info.ray_temp_dir:
-        ray_processes = _ray_processes(info.ray_temp_dir)
+        ray_processes = _ray_processes(info.ray_temp_dir, address=info.ray_address)
         stopped["ray"] = bool(ray_processes)
     if info.s3_pid:
         try:
@@ -323,17 +530,25 @@ RAY_STOP_GRACE_S = 2.0
 S3_STOP_GRACE_S = 10.0
 
 
-def _ray_processes(temp_dir: str) -> list:
-    """Every process of the Ray cluster whose temp dir is ``temp_dir`` (`ray stop` would kill all clusters)."""
+def _ray_processes(temp_dir: str, *, address: str = "") -> list:
+    """Every process of the Ray cluster whose temp dir is ``temp_dir`` or whose GCS is at ``address``,
+    with their process trees (`ray stop` would kill all clusters).
+
+    The Ray client server names only the GCS address and outlives the `ray start` that started it (its
+    parent), so it is found by its ``--address=<address>`` argument.
+    """
     import psutil
 
+    address_argument = f"--address={address}" if address else None
     roots = []
     for process in psutil.process_iter(["pid", "cmdline"]):
         try:
-            cmdline = " ".join(process.info["cmdline"] or [])
+            arguments = process.info["cmdline"] or []
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if temp_dir in cmdline and process.pid != os.getpid():
+        if process.pid == os.getpid():
+            continue
+        if temp_dir in " ".join(arguments) or (address_argument and address_argument in arguments):
             roots.append(process)
     # Workers are children of the raylet and do not name the temp dir: take whole process trees.
     family = {p.pid: p for p in roots}
