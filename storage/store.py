@@ -15,6 +15,13 @@ Outages: every call rides out an unreachable or busy server (restart, failover) 
 exponential backoff and full jitter until ``outage_tolerance_s`` has passed; an S3 answer that means
 something (NoSuchKey, AccessDenied, PreconditionFailed, ...) is never retried.
 
+Raw client calls: nothing outside this module calls ``client`` directly for person data; what callers
+need beyond single objects is here too, under the same retries: complete version listings
+(:meth:`ArtifactStore.list_all_versions`), deletion by version id in batches with failures reported per
+object (:meth:`ArtifactStore.remove_versions`), prefix listings (:meth:`ArtifactStore.list_subprefixes`),
+copying a folder to disk (:meth:`ArtifactStore.download_prefix`), and :meth:`ArtifactStore.with_retry`
+for the rest (bucket settings).
+
 Conditional writes: ``put(if_absent=True)`` (``If-None-Match: *``) and ``put(if_match=etag)``
 (``If-Match``) let the server decide atomically which of two racing writers wins; the loser gets
 :class:`WriteConflict`. State transitions use them as compare-and-swap (see :mod:`storage.state`).
@@ -31,12 +38,14 @@ import ssl
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import certifi
 import urllib3
 from minio import Minio
 from minio.commonconfig import ENABLED
+from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import genheaders
 from minio.sse import Sse, SseCustomerKey, SseS3
@@ -52,6 +61,8 @@ RETRY_MAX_DELAY_S = 5.0
 # One attempt must fail fast while the server is down, so the deadline above is what bounds a call.
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 60.0
+# DeleteObjects takes at most this many keys per request (S3's limit).
+REMOVE_BATCH = 1000
 
 # The request may not have reached the server, or its answer was lost: try again.
 _NETWORK_ERRORS = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
@@ -64,6 +75,8 @@ _BUSY_CODES = frozenset({
 # HTTP statuses with the same meaning when the answer carries no S3 code (a proxy, a HEAD request).
 _BUSY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _NOT_FOUND_CODES = ("NoSuchKey", "NoSuchObject", "NoSuchVersion", "ResourceNotFound")
+# The version id S3 gives an object written before versioning was turned on.
+_NULL_VERSION = "null"
 
 _T = TypeVar("_T")
 
@@ -127,6 +140,16 @@ class StoredObject:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "StoredObject":
         return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class RemoveFailure:
+    """One version that a batch delete did not remove: the server's per-object error."""
+
+    key: str
+    version_id: str | None
+    code: str
+    message: str
 
 
 def utc_now_iso() -> str:
@@ -386,6 +409,99 @@ class ArtifactStore:
                      for item in self.client.list_objects(bucket, prefix=prefix, recursive=True,
                                                           include_version=True)],
             bucket=bucket, key=prefix, action="cannot list object versions")
+
+    def list_all_versions(self, artifact: str, prefix: str) -> list[tuple[str, str | None, bool, int]]:
+        """Every version and delete marker under ``prefix`` as (key, version id, is delete marker, size).
+
+        Like :meth:`list_versions`, with each version's size (0 for a delete marker). Complete or an
+        error: the whole listing is made inside one retried call, so one interrupted by an outage
+        starts again from the beginning and nothing is skipped or returned twice.
+        """
+        bucket = self.bucket(artifact)
+        return self._retry(
+            lambda: [(item.object_name, item.version_id, bool(item.is_delete_marker), item.size or 0)
+                     for item in self.client.list_objects(bucket, prefix=prefix, recursive=True,
+                                                          include_version=True)],
+            bucket=bucket, key=prefix, action="cannot list object versions")
+
+    def remove_versions(self, artifact: str, versions: Iterable[tuple[str, str | None]]) -> list[RemoveFailure]:
+        """Permanently remove these (key, version id) pairs: versions or delete markers.
+
+        Sent in DeleteObjects requests of at most ``REMOVE_BATCH`` keys, each request under the
+        outage retries (the client's lazy answer is read to the end inside the retried call). A
+        retried request may name versions its lost first attempt already removed: the server answers
+        those as deleted (SeaweedFS) or NoSuchVersion (AWS, MinIO), and both count as removed.
+
+        A version id of None is sent as "null" (an object from before versioning): a delete without
+        a version id would only add a delete marker.
+
+        Returns:
+            The versions the server refused, each with its S3 error code, in the pairs given (empty
+            when everything went). A refusal of a whole request fails every version it named.
+
+        Raises:
+            StoreUnavailable: the server stayed unreachable for ``outage_tolerance_s``.
+            StoreError: the server refused a whole request with an error status.
+        """
+        bucket = self.bucket(artifact)
+        pairs = list(versions)
+        failures: list[RemoveFailure] = []
+        for start in range(0, len(pairs), REMOVE_BATCH):
+            chunk = pairs[start:start + REMOVE_BATCH]
+            sent = {(key, version_id or _NULL_VERSION): (key, version_id) for key, version_id in chunk}
+            request = [DeleteObject(key, version_id) for key, version_id in sent]
+            errors = self._retry(lambda: list(self.client.remove_objects(bucket, request)), bucket=bucket,
+                                 key=chunk[0][0], action="cannot remove object versions")
+            for error in errors:
+                if error.code in _NOT_FOUND_CODES:
+                    continue  # already gone: what a retried request finds of its own first attempt
+                if error.name is None:
+                    # An error about the request as a whole (a 200 answer with an <Error> body).
+                    failures.extend(RemoveFailure(key, version_id, error.code, error.message or "")
+                                    for key, version_id in chunk)
+                    continue
+                key, version_id = sent.get((error.name, error.version_id or _NULL_VERSION),
+                                           (error.name, error.version_id))
+                failures.append(RemoveFailure(key, version_id, error.code, error.message or ""))
+        return failures
+
+    def list_subprefixes(self, artifact: str, prefix: str) -> list[str]:
+        """The "folders" directly under ``prefix`` (common prefixes of a listing without recursion),
+        each as its full name ending in '/'. Complete or an error, like :meth:`list_keys`."""
+        bucket = self.bucket(artifact)
+        return self._retry(
+            lambda: [item.object_name for item in self.client.list_objects(bucket, prefix=prefix, recursive=False)
+                     if item.is_dir],
+            bucket=bucket, key=prefix, action="cannot list prefixes")
+
+    def download_prefix(self, bucket: str, prefix: str, target: str | Path) -> int:
+        """Copy every object under ``s3://bucket/prefix`` into the folder ``target`` (keys relative to
+        ``prefix`` become paths). For buckets outside the artifact classes, such as base models.
+
+        The listing is complete before the first download; each download is retried on its own and
+        rewrites its file whole, so a copy interrupted by an outage carries on where it was.
+
+        Returns:
+            How many objects were copied (0: nothing under the prefix).
+
+        Raises:
+            StoreError: a key would land outside ``target`` (``..``), or the store refused a call.
+            StoreUnavailable: the server stayed unreachable for ``outage_tolerance_s``.
+        """
+        root = Path(target).resolve()
+        names = self._retry(
+            lambda: [item.object_name for item in self.client.list_objects(bucket, prefix=prefix, recursive=True)
+                     if not item.object_name.endswith("/")],  # folder placeholders hold nothing
+            bucket=bucket, key=prefix, action="cannot list objects to download")
+        for name in names:
+            destination = (root / name[len(prefix):]).resolve()
+            if root not in destination.parents:
+                raise StoreError(f"cannot download object: its key would be written outside {root}",
+                                 bucket=bucket, key=name)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            self._retry(lambda name=name, destination=destination: self.client.fget_object(
+                bucket, name, str(destination)), bucket=bucket, key=name, action="cannot download object")
+        return len(names)
 
     def put_json(self, artifact: str, key: str, document: Any, *, if_absent: bool = False,
                  if_match: str | None = None) -> StoredObject:
