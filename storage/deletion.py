@@ -4,6 +4,10 @@ Traps this module exists to avoid (measured, see TOOLCHAIN.md): a DeleteObjects 
 version ids only adds delete markers and keeps all data; deleting while paging ListObjectVersions
 skips versions. So: list everything under the prefix first, delete by (key, version id) in batches of
 at most 1,000, then list again until nothing is left.
+
+Every call goes through the store's outage retries: a listing is complete or an error (an outage
+restarts it), a batch delete that is retried after a lost answer re-sends version ids that may be gone
+already, which the store counts as removed.
 """
 
 from __future__ import annotations
@@ -11,12 +15,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
-from minio.deleteobjects import DeleteObject
-
 from storage import keys
-from storage.store import ArtifactStore, StoredObject, StoreError, utc_now_iso
+from storage.store import REMOVE_BATCH, ArtifactStore, StoredObject, StoreError, utc_now_iso
 
-DELETE_BATCH = 1000
+DELETE_BATCH = REMOVE_BATCH
 VERIFY_ROUNDS = 5
 
 
@@ -53,9 +55,7 @@ def recorded_index(objects: Iterable[StoredObject | Mapping[str, Any]]) -> dict[
 
 def list_all_versions(store: ArtifactStore, artifact: str, prefix: str) -> list[tuple[str, str | None, bool, int]]:
     """(key, version id, is delete marker, size) of everything under ``prefix``, fully listed before use."""
-    bucket = store.bucket(artifact)
-    return [(item.object_name, item.version_id, bool(item.is_delete_marker), item.size or 0)
-            for item in store.client.list_objects(bucket, prefix=prefix, recursive=True, include_version=True)]
+    return store.list_all_versions(artifact, prefix)
 
 
 def purge_prefix(store: ArtifactStore, artifact: str, prefix: str, *,
@@ -95,9 +95,8 @@ def purge_prefix(store: ArtifactStore, artifact: str, prefix: str, *,
             return [_deleted(artifact, bucket, v, recorded, due, deleted_at="") for v in versions], len(versions)
         for start in range(0, len(versions), DELETE_BATCH):
             chunk = versions[start:start + DELETE_BATCH]
-            errors = list(store.client.remove_objects(
-                bucket, [DeleteObject(key, version_id) for key, version_id, _, _ in chunk]))
-            failed = {(error.name, error.version_id) for error in errors}
+            failures = store.remove_versions(artifact, [(key, version_id) for key, version_id, _, _ in chunk])
+            failed = {(failure.key, failure.version_id) for failure in failures}
             now = utc_now_iso()
             deleted.extend(_deleted(artifact, bucket, v, recorded, due, deleted_at=now)
                            for v in chunk if (v[0], v[1]) not in failed)
@@ -164,6 +163,6 @@ def replace_with_tombstone(store: ArtifactStore, person: keys.PersonRef, documen
     now = utc_now_iso()
     for start in range(0, len(older), DELETE_BATCH):
         chunk = older[start:start + DELETE_BATCH]
-        list(store.client.remove_objects(bucket, [DeleteObject(k, v) for k, v, _, _ in chunk]))
+        store.remove_versions("state", [(k, v) for k, v, _, _ in chunk])
         deleted.extend(_deleted("state", bucket, v, {}, None, deleted_at=now) for v in chunk)
     return new_document, deleted

@@ -51,13 +51,17 @@ def apply_lifecycle_rules(store: ArtifactStore, policy: RetentionPolicy, *, grac
         config = lifecycle_for(policy, artifact, grace_days)
         if config is None:
             continue
-        store.client.set_bucket_lifecycle(store.bucket(artifact), config)
+        bucket = store.bucket(artifact)
+        store.with_retry(lambda bucket=bucket, config=config: store.client.set_bucket_lifecycle(bucket, config),
+                         artifact=artifact, action="cannot set the bucket's lifecycle rules")
         applied[artifact] = backstop_days(policy, artifact, grace_days)
     return applied
 
 
 def read_lifecycle_days(store: ArtifactStore, artifact: str) -> int | None:
-    config = store.client.get_bucket_lifecycle(store.bucket(artifact))
+    bucket = store.bucket(artifact)
+    config = store.with_retry(lambda: store.client.get_bucket_lifecycle(bucket), artifact=artifact,
+                              action="cannot read the bucket's lifecycle rules")
     if config is None:
         return None
     for rule in config.rules:

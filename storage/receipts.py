@@ -116,13 +116,10 @@ def pending_intents(store: ArtifactStore) -> list[tuple[str, dict[str, Any]]]:
 
 def remove_keys(store: ArtifactStore, artifact: str, keys_to_remove: Iterable[str]) -> None:
     """Remove objects and all their versions (receipt bookkeeping only: small counts)."""
-    from minio.deleteobjects import DeleteObject
-
-    bucket = store.bucket(artifact)
     for key in keys_to_remove:
         versions = [(k, v) for k, v, _ in store.list_versions(artifact, key) if k == key]
         if versions:
-            list(store.client.remove_objects(bucket, [DeleteObject(k, v) for k, v in versions]))
+            store.remove_versions(artifact, versions)
 
 
 def save_receipt(store: ArtifactStore, receipt: Receipt) -> str:

@@ -351,11 +351,11 @@ def _audit_deletions(store: ArtifactStore, policy: RetentionPolicy, receipt: Rec
 
 def _expire_receipts(store: ArtifactStore, policy: RetentionPolicy, now: datetime, receipt: Receipt) -> None:
     cutoff = f"{now - timedelta(days=policy.receipts_days):%Y-%m-%d}"
-    for item in store.client.list_objects(store.bucket("receipts"), prefix=RECEIPTS_PREFIX, recursive=False):
-        day = item.object_name[len(RECEIPTS_PREFIX):].rstrip("/")
-        if item.is_dir and day[:4].isdigit() and day < cutoff:
-            for key, version_id, is_marker, size in _versions(store, item.object_name):
-                store.client.remove_object(store.bucket("receipts"), key, version_id=version_id)
+    for folder in store.list_subprefixes("receipts", RECEIPTS_PREFIX):
+        day = folder[len(RECEIPTS_PREFIX):].rstrip("/")
+        if day[:4].isdigit() and day < cutoff:
+            for key, version_id, is_marker, size in _versions(store, folder):
+                store.remove_version("receipts", key, version_id=version_id)
                 receipt.objects.append({"artifact": "receipts", "bucket": store.bucket("receipts"), "key": key,
                                         "version_id": version_id, "delete_marker": is_marker, "size": size,
                                         "sha256": None, "due": None, "deleted_at": utc_now_iso()})
