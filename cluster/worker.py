@@ -200,7 +200,11 @@ class GpuWorker:
         return self._pipe
 
     def _materialize(self, base_model: str) -> str:
-        """``s3://bucket/prefix`` → a local folder (copied once per worker machine); others unchanged."""
+        """``s3://bucket/prefix`` → a local folder (copied once per worker machine); others unchanged.
+
+        The copy rides out store outages like every other store call (``store.outage_tolerance_s``);
+        the folder counts as complete only once every object is in it.
+        """
         if not base_model.startswith("s3://"):
             return base_model
         bucket, _, prefix = base_model[len("s3://"):].partition("/")
@@ -209,14 +213,7 @@ class GpuWorker:
         complete_marker = target / ".complete"
         if complete_marker.exists():
             return str(target)
-        client = self.store.client
-        found = False
-        for item in client.list_objects(bucket, prefix=prefix, recursive=True):
-            found = True
-            destination = target / item.object_name[len(prefix):]
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            client.fget_object(bucket, item.object_name, str(destination))
-        if not found:
+        if not self.store.download_prefix(bucket, prefix, target):
             raise ValueError(f"base_model {base_model!r} names no objects; upload a diffusers folder there first")
         complete_marker.touch()
         return str(target)
