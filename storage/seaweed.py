@@ -308,7 +308,9 @@ def start_embedded_s3(
             chosen = ServerPorts(master=others[0], volume=others[1], filer=others[2], admin=others[3],
                                  s3=s3_port or others[4])
         command = [
-            binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            # Its own log files in the private data dir, not world-readable in /tmp (they name object keys).
+            binary, f"-logdir={_private_directory(data_dir / 'logs')}",
+            "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={chosen.master}", f"-volume.port={chosen.volume}", f"-filer.port={chosen.filer}",
             f"-s3.port={chosen.s3}", f"-admin.port={chosen.admin}",
             "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import secrets
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -233,8 +234,11 @@ def test_grpc_with_the_servers_client_certificate_works(server, bucket):
         assert _list_entries(channel, f"/buckets/{bucket}/state") == ["doc.json"]
 
 
-def test_secrets_are_private_to_the_user(server):
+def test_secrets_and_logs_are_private_to_the_user(server):
     data_dir = Path(server.data_dir)
     assert data_dir.stat().st_mode & 0o077 == 0
     for path in [data_dir / "security", *(data_dir / "security").iterdir()]:
         assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+    # weed's own log files (they name buckets and object keys) stay in the private data dir.
+    assert list((data_dir / "logs").glob(f"weed.*.{server.pid}"))
+    assert not list(Path(tempfile.gettempdir()).glob(f"weed.*.{server.pid}"))
