@@ -20,6 +20,18 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 fi
 python -m pip install --quiet -e ".[test]"
 
+# iproute2 (`ss`, `ip netns`) for the tests that check what the local stack listens on and that run
+# several hosts in network namespaces; installed only when missing and only as root.
+if ! command -v ss >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
+  else
+    echo "note: ss/ip are missing; as root run: apt-get install -y --no-install-recommends iproute2" >&2
+  fi
+fi
+
 # Prometheus and promtool (Debian package) for the alert-rule tests and the real-Prometheus e2e test.
 # Installed only when missing and only as root; otherwise say what to run, and the tests say so too.
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then

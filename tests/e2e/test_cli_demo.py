@@ -123,8 +123,8 @@ def test_status_json_shapes(demo, stack_home):
     listing = json.loads(run_cli(stack_home, "status", "--json").stdout)
     assert any(row["batch_id"] == demo["batch_id"] for row in listing)
     status = json.loads(run_cli(stack_home, "status", demo["batch_id"], "--json").stdout)
-    assert set(status) == {"tenant", "batch_id", "state", "eta_seconds", "persons"}
-    assert status["state"] == "done"
+    assert set(status) == {"tenant", "batch_id", "state", "eta_seconds", "stalled_since", "hint", "persons"}
+    assert status["state"] == "done" and status["stalled_since"] is None and status["hint"] is None
     for person in status["persons"]:
         assert set(person) >= {"person_id", "state", "stage", "headshots", "error"}
     assert not [name for name in DEMO_NAMES if name in json.dumps(status)], "status --json holds ids only"
