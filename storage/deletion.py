@@ -157,12 +157,18 @@ def replace_with_tombstone(store: ArtifactStore, person: keys.PersonRef, documen
     new_document = tombstone(document, receipt_id=receipt_id, state=state, keep_outputs=keep_outputs)
     written = store.put_json("state", state_key, new_document)
     bucket = store.bucket("state")
-    older = [v for v in list_all_versions(store, "state", state_key)
-             if v[0] == state_key and v[1] != written.version_id]
     deleted = []
-    now = utc_now_iso()
-    for start in range(0, len(older), DELETE_BATCH):
-        chunk = older[start:start + DELETE_BATCH]
-        store.remove_versions("state", [(k, v) for k, v, _, _ in chunk])
-        deleted.extend(_deleted("state", bucket, v, {}, None, deleted_at=now) for v in chunk)
-    return new_document, deleted
+    for _ in range(VERIFY_ROUNDS):
+        # Listed again after each round: an older version left behind still holds the person's name.
+        older = [v for v in list_all_versions(store, "state", state_key)
+                 if v[0] == state_key and v[1] != written.version_id]
+        if not older:
+            return new_document, deleted
+        now = utc_now_iso()
+        for start in range(0, len(older), DELETE_BATCH):
+            chunk = older[start:start + DELETE_BATCH]
+            failed = {(f.key, f.version_id) for f in store.remove_versions("state", [(k, v) for k, v, _, _ in chunk])}
+            deleted.extend(_deleted("state", bucket, v, {}, None, deleted_at=now) for v in chunk
+                           if (v[0], v[1]) not in failed)
+    raise DeletionIncomplete(f"older versions of the state document (they hold names) were still listed after "
+                             f"{VERIFY_ROUNDS} rounds; run the deletion again", bucket=bucket, key=state_key)

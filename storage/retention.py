@@ -178,9 +178,9 @@ def due_days(store: ArtifactStore, now: datetime) -> list[str]:
     """Day partitions of the index up to and including ``now``'s day (one listing of prefixes)."""
     today = f"{now:%Y-%m-%d}"
     days = []
-    for item in store.client.list_objects(store.bucket("state"), prefix=EXPIRY_PREFIX, recursive=False):
-        day = item.object_name[len(EXPIRY_PREFIX):].rstrip("/")
-        if item.is_dir and day <= today:
+    for folder in store.list_subprefixes("state", EXPIRY_PREFIX):
+        day = folder[len(EXPIRY_PREFIX):].rstrip("/")
+        if day <= today:
             days.append(day)
     return sorted(days)
 
@@ -198,7 +198,7 @@ def remove_entry(store: ArtifactStore, key: str) -> None:
     """Remove an index entry, every version (entries carry ids only, but leave no clutter to re-list)."""
     for entry_key, version_id, _ in store.list_versions("state", key):
         if entry_key == key:
-            store.client.remove_object(store.bucket("state"), key, version_id=version_id)
+            store.remove_version("state", key, version_id=version_id or "null")
 
 
 def read_person_document(store: ArtifactStore, person: keys.PersonRef) -> dict[str, Any] | None:
