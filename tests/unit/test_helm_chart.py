@@ -208,7 +208,7 @@ def test_full_values_render_every_optional_part(chart):
     kinds = sorted(doc["kind"] for doc in manifests(render(chart, full_values())))
     assert kinds == ["ConfigMap", "ConfigMap", "ConfigMap", "Deployment", "Ingress", "NetworkPolicy",
                      "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy",
-                     "PrometheusRule", "RayCluster", "Service", "Service", "Service", "ServiceMonitor", "StatefulSet"]
+                     "NetworkPolicy", "PrometheusRule", "RayCluster", "Service", "Service", "Service", "ServiceMonitor", "StatefulSet"]
 
 
 @pytest.mark.parametrize("values_file", [CI_VALUES, FULL_VALUES], ids=lambda path: path.name)
@@ -887,3 +887,216 @@ def test_every_value_is_documented():
             undocumented.append(key)
         pending_doc = False
     assert undocumented == []
+
+
+# --- losing the head pod: GCS fault tolerance (an external Redis) ------------------------------------
+
+REDIS_NAMESPACE_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "redis-system"}},
+                        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "redis"}}}
+GCS_FT = {"ray": {"gcsFaultTolerance": {
+    "enabled": True,
+    "redisAddress": "rediss://redis.redis-system.svc:6380",
+    "redisPassword": {"existingSecret": "headshots-redis", "key": "redis-password"},
+    "redisEgress": {"to": [REDIS_NAMESPACE_PEER]},
+}}}
+# A password as a user might paste it; it must never reach a manifest or an error message.
+PLAINTEXT_REDIS_PASSWORD = "Tr0ub4dor-and-3-horses-battery-staple"
+
+
+def _head_container(documents: list[dict[str, Any]], name: str = "ray-head") -> dict[str, Any]:
+    head = only(documents, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
+    return {container["name"]: container for container in head["containers"]}[name]
+
+
+def test_gcs_fault_tolerance_is_off_by_default_and_the_notes_say_what_a_head_loss_does(chart):
+    rendered = render(chart, ci_values())
+    documents = manifests(rendered)
+    assert "gcsFaultToleranceOptions" not in only(documents, "RayCluster")["spec"]
+    assert not [doc for doc in documents if doc["metadata"]["name"] == f"{FULLNAME}-gcs-redis"]
+    text = notes(rendered)
+    assert "GCS fault tolerance is off" in text
+    assert "a head-pod loss restarts the Ray cluster" in text
+    assert "batches resume from the store" in text and "stages in flight run again" in text
+    # Turning it on takes an explicit value: the chart's own default is off.
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["ray"]["gcsFaultTolerance"]["enabled"] is False
+
+
+def test_gcs_fault_tolerance_renders_kuberay_options_with_the_password_from_a_secret(chart, tmp_path):
+    values = with_values({"ray": {"gcsFaultTolerance": {"externalStorageNamespace": "headshots-team"}}},
+                         with_values(GCS_FT))
+    rendered = render(chart, values)
+    documents = manifests(rendered)
+    ray_cluster = only(documents, "RayCluster")
+    assert ray_cluster["spec"]["gcsFaultToleranceOptions"] == {
+        "redisAddress": "rediss://redis.redis-system.svc:6380",
+        "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "headshots-redis", "key": "redis-password"}}},
+        "externalStorageNamespace": "headshots-team",
+    }
+    # Without the option KubeRay uses the RayCluster's UID as the storage namespace: nothing rendered.
+    default_namespace = only(manifests(render(chart, with_values(GCS_FT))), "RayCluster")
+    assert "externalStorageNamespace" not in default_namespace["spec"]["gcsFaultToleranceOptions"]
+    # KubeRay passes the password to Ray itself: the chart sets no Redis flag or variable of its own.
+    head = ray_cluster["spec"]["headGroupSpec"]
+    assert not {"redis-password", "redis-username"} & set(head["rayStartParams"])
+    assert not [item for item in _head_container(documents)["env"] if item["name"].startswith("RAY_REDIS_ADDRESS")]
+
+    # Checked like every other render: the repository's RayCluster schema, the Kubernetes schema for the
+    # built-in objects and the head pod, the restricted profile, the secret scan.
+    path = tmp_path / "raycluster.yaml"
+    path.write_text(yaml.safe_dump(ray_cluster))
+    result = run_tool("check-jsonschema", "--schemafile", str(RAYCLUSTER_SCHEMA), str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    files = []
+    for index, doc in enumerate(doc for doc in documents if doc["apiVersion"] in ("v1", "networking.k8s.io/v1")):
+        files.append(tmp_path / f"{index}-{doc['kind']}.yaml")
+        files[-1].write_text(yaml.safe_dump(doc))
+    template = head["template"]
+    files.append(tmp_path / "head-pod.yaml")
+    files[-1].write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ray-head"},
+                                         "spec": template["spec"]}))
+    for version in KUBERNETES_VERSIONS:
+        version_args = [] if version == "latest" else ["-k", version]
+        result = run_tool("kubernetes-validate", "--strict", "--quiet", *version_args, *map(str, files))
+        assert result.returncode == 0, f"Kubernetes {version}:\n{result.stdout}{result.stderr}"
+    assert restricted_violations(template["spec"]) == []
+    assert secret_like_lines(rendered) == []
+
+    # The notes: what Redis must be.
+    text = notes(rendered)
+    assert "GCS fault tolerance is on" in text
+    assert "persistent (AOF" in text and "reachable only from the Ray head" in text
+    assert "WARNING" not in text  # rediss://: TLS
+
+
+def test_the_raycluster_schema_knows_kuberays_gcs_options_and_refuses_a_plaintext_password(chart, tmp_path):
+    ray_cluster = only(manifests(render(chart, with_values(GCS_FT))), "RayCluster")
+    for broken, field in (
+            ({"redisPassword": {"value": PLAINTEXT_REDIS_PASSWORD}}, "value"),
+            ({"redisAdress": "redis:6379"}, "redisAdress"),
+            ({"redisPassword": {"valueFrom": {"secretKeyRef": {"name": "headshots-redis"}}}}, "key")):
+        doc = copy.deepcopy(ray_cluster)
+        options = doc["spec"]["gcsFaultToleranceOptions"]
+        if "redisAdress" in broken:
+            options.pop("redisAddress")
+        options.update(broken)
+        path = tmp_path / f"broken-{field}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        result = run_tool("check-jsonschema", "--schemafile", str(RAYCLUSTER_SCHEMA), str(path))
+        assert result.returncode != 0 and field in result.stdout, field
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"enabled": True, "redisAddress": ""},
+     'ray.gcsFaultTolerance.redisAddress is required while ray.gcsFaultTolerance.enabled is true'),
+    ({"enabled": True, "redisAddress": "http://redis.redis-system.svc:6379"},
+     'ray.gcsFaultTolerance.redisAddress must be redis://host:port or rediss://host:port'),
+    ({"enabled": True, "redisAddress": "rediss://redis.redis-system.svc"},
+     'ray.gcsFaultTolerance.redisAddress must be redis://host:port or rediss://host:port'),
+    ({"enabled": True, "redisPassword": {"existingSecret": ""}},
+     'ray.gcsFaultTolerance.redisPassword.existingSecret must name an existing Secret'),
+    ({"enabled": True, "redisEgress": {"to": []}},
+     'ray.gcsFaultTolerance.redisEgress.to must say where Redis is'),
+], ids=["no-address", "wrong-scheme", "no-port", "no-password-secret", "no-egress"])
+def test_gcs_fault_tolerance_refuses_incomplete_values_naming_the_key(chart, overrides, message):
+    values = with_values({"ray": {"gcsFaultTolerance": overrides}}, with_values(GCS_FT))
+    with pytest.raises(helm.HelmRenderError) as raised:
+        render(chart, values)
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"ray": {"gcsFaultTolerance": {"redisPassword": PLAINTEXT_REDIS_PASSWORD}}},
+    {"ray": {"gcsFaultTolerance": {"enabled": False, "redisPassword": PLAINTEXT_REDIS_PASSWORD}}},
+    {"ray": {"gcsFaultTolerance": {"redisAddress": f"rediss://:{PLAINTEXT_REDIS_PASSWORD}@redis.redis-system.svc:6380"}}},
+    {"head": {"rayStartParams": {"redis-password": PLAINTEXT_REDIS_PASSWORD}}},
+], ids=["password-value", "password-value-while-off", "password-in-address", "password-in-ray-start-params"])
+def test_a_plaintext_redis_password_is_refused_without_repeating_it(chart, overrides):
+    values = with_values(overrides, with_values(GCS_FT))
+    with pytest.raises(helm.HelmRenderError) as raised:
+        render(chart, values)
+    error = str(raised.value)
+    assert "plaintext" in error and "Secret" in error
+    assert re.search(r"ray\.gcsFaultTolerance\.redis(Password|Address)|head\.rayStartParams\.redis-password", error)
+    assert PLAINTEXT_REDIS_PASSWORD not in error
+
+
+def test_a_plaintext_redis_password_has_no_place_in_the_secret_reference(chart):
+    with pytest.raises(helm.HelmValuesError, match="at '/ray/gcsFaultTolerance/redisPassword': additional properties 'value'"):
+        render(chart, with_values({"ray": {"gcsFaultTolerance": {"redisPassword": {
+            "existingSecret": "headshots-redis", "value": PLAINTEXT_REDIS_PASSWORD}}}}, with_values(GCS_FT)))
+
+
+def test_the_head_reaches_redis_on_its_port_only_where_the_values_say(chart):
+    documents = manifests(render(chart, with_values(GCS_FT)))
+    policy = only(documents, "NetworkPolicy", f"{FULLNAME}-gcs-redis")["spec"]
+    assert policy["policyTypes"] == ["Egress"]
+    assert policy["egress"] == [{"to": [REDIS_NAMESPACE_PEER], "ports": [{"port": 6380, "protocol": "TCP"}]}]
+    # The head's GCS, and the Job KubeRay runs from the head's template to delete the cluster's keys
+    # from Redis when the RayCluster is deleted; not the worker pods, not the API.
+    selector = policy["podSelector"]
+    assert selector["matchLabels"] == {"ray.io/cluster": FULLNAME}
+    assert selector["matchExpressions"] == [
+        {"key": "ray.io/node-type", "operator": "In", "values": ["head", "redis-cleanup"]}]
+    head_labels = {"ray.io/cluster": FULLNAME, "ray.io/node-type": "head"}
+    assert _selects(policy["podSelector"], head_labels)
+
+    # The port comes from the address (6379 with a bare host:port); off, there is no rule at all.
+    bare = with_values({"ray": {"gcsFaultTolerance": {"redisAddress": "redis.redis-system.svc:6379"}}},
+                       with_values(GCS_FT))
+    bare_policy = only(manifests(render(chart, bare)), "NetworkPolicy", f"{FULLNAME}-gcs-redis")["spec"]
+    assert bare_policy["egress"][0]["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    off = with_values({"ray": {"gcsFaultTolerance": {"enabled": False}}}, with_values(GCS_FT))
+    assert not [doc for doc in manifests(render(chart, off)) if doc["metadata"]["name"] == f"{FULLNAME}-gcs-redis"]
+
+    # Without NetworkPolicies nothing is rendered and no egress is required, but the notes say so.
+    open_values = with_values({"networkPolicy": {"enabled": False}, "ray": {"gcsFaultTolerance": {"redisEgress": {"to": []}}}},
+                              with_values(GCS_FT))
+    rendered = render(chart, open_values)
+    assert not [doc for doc in manifests(rendered) if doc["kind"] == "NetworkPolicy"]
+    assert "no NetworkPolicy limits who reaches Redis" in notes(rendered)
+
+
+def test_redis_without_tls_is_warned_about_and_a_private_ca_reaches_the_head_only(chart):
+    plain = with_values({"ray": {"gcsFaultTolerance": {"redisAddress": "redis://redis.redis-system.svc:6379"}}},
+                        with_values(GCS_FT))
+    assert "WARNING: REDIS WITHOUT TLS" in notes(render(chart, plain))
+
+    with_ca = with_values({"ray": {"gcsFaultTolerance": {"caBundle": {"existingSecret": "redis-ca", "key": "ca.pem"}}}},
+                          with_values(GCS_FT))
+    documents = manifests(render(chart, with_ca))
+    head = only(documents, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
+    container = _head_container(documents)
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in head["volumes"]}
+    assert env["RAY_REDIS_CA_CERT"] == f"{mounts['redis-ca']['mountPath']}/ca.crt"
+    assert mounts["redis-ca"]["readOnly"] is True
+    assert volumes["redis-ca"]["secret"] == {"secretName": "redis-ca", "items": [{"key": "ca.pem", "path": "ca.crt"}]}
+    # Only the GCS (in the head's Ray container) talks to Redis.
+    assert "RAY_REDIS_CA_CERT" not in {item["name"] for item in _head_container(documents, "controllers")["env"]}
+    for group in only(documents, "RayCluster")["spec"]["workerGroupSpecs"]:
+        assert "redis-ca" not in {volume["name"] for volume in group["template"]["spec"]["volumes"]}
+
+
+def test_the_controllers_come_back_soon_after_a_head_restart(chart):
+    documents = manifests(render(chart, with_values({"head": {"controllers": {
+        "checkIntervalSeconds": 120, "retrySeconds": 7}}})))
+    script = _head_container(documents, "controllers")["args"][0]
+    # Success: wait the check interval; failure (Ray not up yet after a restart): try again soon.
+    assert re.search(r"if headshots up [^\n]*; then\n[^\n]*sleep 120\n\s*else\n[^\n]*failed[^\n]*sleep 7\n", script)
+
+
+def test_worker_losses_have_their_own_limit_in_the_config(chart):
+    config_map = only(manifests(render(chart, with_values({"workers": {"maxWorkerLosses": 7}}))), "ConfigMap",
+                      f"{FULLNAME}-config")
+    config = yaml.safe_load(config_map["data"]["config.yaml"])
+    assert (config["workers"]["max_worker_losses"], config["workers"]["max_stage_attempts"]) == (7, 3)
+    default = yaml.safe_load(only(manifests(render(chart, ci_values())), "ConfigMap",
+                                  f"{FULLNAME}-config")["data"]["config.yaml"])
+    assert default["workers"]["max_worker_losses"] == 20  # the app's own default
+
+
+def test_the_full_values_exercise_gcs_fault_tolerance(chart):
+    documents = manifests(render(chart, full_values()))
+    assert "gcsFaultToleranceOptions" in only(documents, "RayCluster")["spec"]
+    assert only(documents, "NetworkPolicy", f"{FULLNAME}-gcs-redis")

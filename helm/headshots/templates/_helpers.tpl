@@ -147,6 +147,18 @@ seccompProfile:
   {{- end }}
 {{- end }}
 
+{{/* The external Redis's port (GCS fault tolerance), from ray.gcsFaultTolerance.redisAddress. */}}
+{{- define "headshots.redisPort" -}}
+{{- default "6379" (regexFind "[0-9]+$" .Values.ray.gcsFaultTolerance.redisAddress) }}
+{{- end }}
+
+{{/* Non-empty when the head mounts a CA for Redis's TLS certificate (GCS fault tolerance, rediss://). */}}
+{{- define "headshots.redisCaSecret" -}}
+{{- with .Values.ray.gcsFaultTolerance }}
+{{- if and .enabled .caBundle.existingSecret }}{{ .caBundle.existingSecret }}{{ end }}
+{{- end }}
+{{- end }}
+
 {{/* Labels that select the studio API's pods. */}}
 {{- define "headshots.apiSelectorLabels" -}}
 {{ include "headshots.selectorLabels" . }}
@@ -484,6 +496,36 @@ names the key path, its value and what is allowed.
 {{- end }}
 {{- if and .Values.ray.tls.enabled (not .Values.ray.tls.existingSecret) }}
 {{- fail (printf "ray.tls.existingSecret must name an existing Secret with the keys ca.crt and ca.key while ray.tls.enabled is true, but is %q" (toString .Values.ray.tls.existingSecret)) }}
+{{- end }}
+{{- /*
+GCS fault tolerance. A Redis password never appears as a value: not in ray.gcsFaultTolerance, not in
+the address, not in head.rayStartParams (each would be written into the RayCluster object). The
+messages do not repeat what was given, since it may be the password.
+*/}}
+{{- $ft := .Values.ray.gcsFaultTolerance }}
+{{- if kindIs "string" $ft.redisPassword }}
+{{- fail "ray.gcsFaultTolerance.redisPassword must name a Secret (redisPassword.existingSecret, redisPassword.key), not hold the password: a plaintext value would be written into the RayCluster object and the release's stored values (the value given is not repeated here)" }}
+{{- end }}
+{{- if contains "@" $ft.redisAddress }}
+{{- fail "ray.gcsFaultTolerance.redisAddress must not carry credentials (user:password@host): a plaintext password would be written into the RayCluster object; put the password in a Secret named by ray.gcsFaultTolerance.redisPassword.existingSecret (the address given is not repeated here)" }}
+{{- end }}
+{{- if hasKey .Values.head.rayStartParams "redis-password" }}
+{{- fail "head.rayStartParams.redis-password must not be set: it puts the Redis password into the RayCluster object in plaintext. Name a Secret in ray.gcsFaultTolerance.redisPassword.existingSecret instead; KubeRay hands the password to Ray (the value given is not repeated here)" }}
+{{- end }}
+{{- if $ft.enabled }}
+{{- if not $ft.redisAddress }}
+{{- fail (printf "ray.gcsFaultTolerance.redisAddress is required while ray.gcsFaultTolerance.enabled is true (the external Redis as redis://host:port, or rediss://host:port for TLS), but is %q" (toString $ft.redisAddress)) }}
+{{- end }}
+{{- $redisPort := regexFind "[0-9]+$" $ft.redisAddress }}
+{{- if or (not (regexMatch "^((redis|rediss)://)?[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?:[0-9]{1,5}$" $ft.redisAddress)) (lt (int $redisPort) 1) (gt (int $redisPort) 65535) }}
+{{- fail (printf "ray.gcsFaultTolerance.redisAddress must be redis://host:port or rediss://host:port (TLS), or a bare host:port, with a port in 1-65535 and no path, but is %q" $ft.redisAddress) }}
+{{- end }}
+{{- if not $ft.redisPassword.existingSecret }}
+{{- fail (printf "ray.gcsFaultTolerance.redisPassword.existingSecret must name an existing Secret with the Redis password (key ray.gcsFaultTolerance.redisPassword.key) while ray.gcsFaultTolerance.enabled is true: Redis then holds the actors' arguments, store credentials and master key included, so it must not be open; it is %q" (toString $ft.redisPassword.existingSecret)) }}
+{{- end }}
+{{- if and .Values.networkPolicy.enabled (not $ft.redisEgress.to) }}
+{{- fail (printf "ray.gcsFaultTolerance.redisEgress.to must say where Redis is (NetworkPolicyPeer list, e.g. a namespaceSelector with a podSelector, or an ipBlock) while ray.gcsFaultTolerance.enabled and networkPolicy.enabled are true: the default-deny NetworkPolicy would block the head from Redis on port %s and the head would not start; it is []" $redisPort) }}
+{{- end }}
 {{- end }}
 {{- range $key := list "gpuWorkers" "cpuWorkers" }}
 {{- $workers := index $.Values $key }}
