@@ -208,7 +208,8 @@ def test_full_values_render_every_optional_part(chart):
     kinds = sorted(doc["kind"] for doc in manifests(render(chart, full_values())))
     assert kinds == ["ConfigMap", "ConfigMap", "ConfigMap", "Deployment", "Ingress", "NetworkPolicy",
                      "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy",
-                     "NetworkPolicy", "PrometheusRule", "RayCluster", "Service", "Service", "Service", "ServiceMonitor", "StatefulSet"]
+                     "NetworkPolicy", "PrometheusRule", "RayCluster", "Service", "Service", "Service", "ServiceMonitor",
+                     "StatefulSet"]
 
 
 @pytest.mark.parametrize("values_file", [CI_VALUES, FULL_VALUES], ids=lambda path: path.name)
@@ -1007,7 +1008,8 @@ def test_gcs_fault_tolerance_refuses_incomplete_values_naming_the_key(chart, ove
 @pytest.mark.parametrize("overrides", [
     {"ray": {"gcsFaultTolerance": {"redisPassword": PLAINTEXT_REDIS_PASSWORD}}},
     {"ray": {"gcsFaultTolerance": {"enabled": False, "redisPassword": PLAINTEXT_REDIS_PASSWORD}}},
-    {"ray": {"gcsFaultTolerance": {"redisAddress": f"rediss://:{PLAINTEXT_REDIS_PASSWORD}@redis.redis-system.svc:6380"}}},
+    {"ray": {"gcsFaultTolerance": {
+        "redisAddress": f"rediss://:{PLAINTEXT_REDIS_PASSWORD}@redis.redis-system.svc:6380"}}},
     {"head": {"rayStartParams": {"redis-password": PLAINTEXT_REDIS_PASSWORD}}},
 ], ids=["password-value", "password-value-while-off", "password-in-address", "password-in-ray-start-params"])
 def test_a_plaintext_redis_password_is_refused_without_repeating_it(chart, overrides):
@@ -1021,7 +1023,8 @@ def test_a_plaintext_redis_password_is_refused_without_repeating_it(chart, overr
 
 
 def test_a_plaintext_redis_password_has_no_place_in_the_secret_reference(chart):
-    with pytest.raises(helm.HelmValuesError, match="at '/ray/gcsFaultTolerance/redisPassword': additional properties 'value'"):
+    with pytest.raises(helm.HelmValuesError,
+                       match="at '/ray/gcsFaultTolerance/redisPassword': additional properties 'value'"):
         render(chart, with_values({"ray": {"gcsFaultTolerance": {"redisPassword": {
             "existingSecret": "headshots-redis", "value": PLAINTEXT_REDIS_PASSWORD}}}}, with_values(GCS_FT)))
 
@@ -1049,8 +1052,8 @@ def test_the_head_reaches_redis_on_its_port_only_where_the_values_say(chart):
     assert not [doc for doc in manifests(render(chart, off)) if doc["metadata"]["name"] == f"{FULLNAME}-gcs-redis"]
 
     # Without NetworkPolicies nothing is rendered and no egress is required, but the notes say so.
-    open_values = with_values({"networkPolicy": {"enabled": False}, "ray": {"gcsFaultTolerance": {"redisEgress": {"to": []}}}},
-                              with_values(GCS_FT))
+    open_values = with_values({"networkPolicy": {"enabled": False},
+                               "ray": {"gcsFaultTolerance": {"redisEgress": {"to": []}}}}, with_values(GCS_FT))
     rendered = render(chart, open_values)
     assert not [doc for doc in manifests(rendered) if doc["kind"] == "NetworkPolicy"]
     assert "no NetworkPolicy limits who reaches Redis" in notes(rendered)
