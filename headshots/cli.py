@@ -65,9 +65,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (default: $HEADSHOTS_CONFIG or $HEADSHOTS_HOME/config.yaml)")
     commands = parser.add_subparsers(dest="command")
 
-    up = commands.add_parser("up", help="start the local stack (embedded S3 server + Ray head) in the background")
+    up = commands.add_parser("up", help="start the local stack (embedded S3 server + Ray head) in the background, "
+                             "or restart what of it is missing or dead; with a supervisor that keeps it running")
     up.add_argument("--json", action="store_true")
+    up.add_argument("--no-supervisor", dest="supervise", action="store_false",
+                    help="do not start the supervisor (one already running is left alone)")
+    up.add_argument("--supervise-interval", type=_positive_seconds, metavar="SECONDS",
+                    help="seconds between the supervisor's checks (default 5)")
+    # The supervisor's own restarts: do nothing unless it is still the stack's supervisor, never start the store.
+    up.add_argument("--for-supervisor", type=int, metavar="PID", help=argparse.SUPPRESS)
     up.set_defaults(handler=cmd_up)
+
+    supervise = commands.add_parser("supervise", help="keep the local stack running: check it every few seconds "
+                                    "and restart what is missing (started by `up`, stopped by `down`)")
+    supervise.add_argument("--interval", type=_positive_seconds, metavar="SECONDS",
+                           help="seconds between checks (default 5)")
+    supervise.set_defaults(handler=cmd_supervise)
     down = commands.add_parser("down", help="stop the local stack")
     down.add_argument("--json", action="store_true")
     down.set_defaults(handler=cmd_down)
@@ -214,14 +227,41 @@ def _parser() -> argparse.ArgumentParser:
 
 # --- stack --------------------------------------------------------------------------------------
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0.1 and 3600 seconds, not {text}")
+    return value
+
+
 def cmd_up(args, config) -> int:
     from headshots import stack
 
-    info = stack.up(config)
+    options = {"supervise": args.supervise, "for_supervisor": args.for_supervisor}
+    if args.supervise_interval:
+        options["supervise_interval_s"] = args.supervise_interval
+    result = stack.start_or_heal(config, **options)
+    info = result.info
     resolved = stack.effective_config(config, info)
-    _emit(args, _env_document(resolved, info), f"stack up: store {resolved.store.endpoint}, "
-          f"ray {resolved.ray.address}, metrics http://{config.metrics.host}:{info.metrics_port}/metrics")
+    document = {**_env_document(resolved, info), "actions": result.actions, "supervisor_pid": info.supervisor_pid}
+    text = (f"stack up: store {resolved.store.endpoint}, ray {resolved.ray.address}, "
+            f"metrics http://{config.metrics.host}:{info.metrics_port}/metrics")
+    if result.actions:
+        text += "".join(f"\n  {action}" for action in result.actions)
+    _emit(args, document, text)
     return EXIT_OK
+
+
+def cmd_supervise(args, config) -> int:
+    from headshots import stack
+
+    if not (config.store.endpoint or config.ray.address):
+        return stack.supervise(config, interval_s=args.interval or stack.SUPERVISE_INTERVAL_S)
+    raise UsageError("the supervisor keeps the local stack running; with store.endpoint or ray.address set "
+                     "there is none (a deployment restarts its own services)")
 
 
 def cmd_down(args, config) -> int:

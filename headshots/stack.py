@@ -14,12 +14,24 @@ the Ray head, whose node address is loopback (``--node-ip-address=127.0.0.1`` wi
 mode, :data:`LOOPBACK_RAY_ENVIRONMENT`, which keeps Ray from swapping loopback for the routable address),
 so GCS, raylet, agents, workers and drivers bind 127.0.0.1. Ray's sockets and logs live under a private
 folder (0700, checked before every start: :func:`_private_directory`).
+
+The stack heals itself: ``up`` first diagnoses what runs (:func:`diagnose`): the store's process, Ray's GCS
+port, the head's raylet (a raylet killed, with its agents, leaves a GCS that still answers but has no alive
+node), the GCS's own view of its nodes, and the two named actors. A dead or half-dead Ray head is stopped
+completely (every process of its temp dir, by pid) and started again; a missing actor is re-created; the
+store and its data and credentials are kept. A supervisor (``headshots supervise``, started by ``up``, pid
+in ``stack.json``, log in ``supervisor.log``) runs the same check every few seconds and runs ``up`` when
+something is missing; ``down`` stops it first. It never restarts a stack whose store is not running.
 """
 
 from __future__ import annotations
 
 import base64
+import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -57,9 +69,32 @@ _RAY_LISTEN_PORT_FLAGS = ("port", "node-manager-port", "object-manager-port", "r
                           "metrics-export-port")
 # ...and one it is given but does not open (the dashboard is off), so that it never falls back to 8265.
 _RAY_OTHER_PORT_FLAGS = ("dashboard-port",)
+# ...and two with no flag, set through the environment: the metrics servers of the autoscaler monitor and
+# of the dashboard head. Their fixed defaults (44217, 44227) are held by any other Ray head on the machine,
+# and a process that cannot bind one logs "Address already in use" (the start is then taken as failed).
+_RAY_ENVIRONMENT_PORTS = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")
 # What Ray's processes log when a port they were given is taken.
 _PORT_TAKEN_SIGNATURES = ("address already in use", "errno 98", "eaddrinuse")
 _RAY_CONNECT_LOCK = threading.Lock()
+# The stack's named actors (cluster.actors.COORDINATOR_NAME and RETENTION_NAME; not imported here, so that
+# the supervisor's check imports neither torch nor the coordinator).
+COORDINATOR_ACTOR, RETENTION_ACTOR = "headshots-coordinator", "headshots-retention"
+STACK_ACTOR_NAMES = (COORDINATOR_ACTOR, RETENTION_ACTOR)
+# How long the health check waits for the GCS to answer a query (an open port that does not answer
+# within this is "unresponsive").
+GCS_QUERY_TIMEOUT_S = 10.0
+# `up` and `down` hold $HEADSHOTS_HOME/stack.lock; a second one waits this long for the first.
+STACK_LOCK_TIMEOUT_S = 900.0
+# The supervisor: seconds between checks, the longest wait after failed restarts, how many checks in a
+# row must find the GCS unresponsive before it restarts (a dead process is acted on at once), and the
+# longest one restart (`headshots up`) may take.
+SUPERVISE_INTERVAL_S = 5.0
+SUPERVISE_MAX_BACKOFF_S = 300.0
+SUPERVISE_CONFIRM_UNRESPONSIVE = 2
+SUPERVISE_HEAL_TIMEOUT_S = 900.0
+SUPERVISOR_STOP_GRACE_S = 5.0
+SUPERVISOR_CONFIG_FILE = "supervisor-config.json"
+SUPERVISOR_LOG_FILE = "supervisor.log"
 
 
 class StackError(RuntimeError):
@@ -77,6 +112,12 @@ class StackInfo:
     metrics_port: int = 0
     retention_metrics_port: int = 0
     started_at: float = 0.0
+    # The supervisor's pid (None: none started, or stopped by `down`), and its seconds between checks.
+    supervisor_pid: int | None = None
+    supervisor_interval_s: float = 0.0
+    # Times the Ray head was found dead or half-dead and started again, and when last.
+    ray_restarts: int = 0
+    ray_restarted_at: float = 0.0
 
 
 def _home(config: Config) -> Path:
@@ -103,7 +144,33 @@ def load_info(config: Config) -> StackInfo | None:
 
 
 def _save_info(config: Config, info: StackInfo) -> None:
-    (_home(config) / "stack.json").write_text(json.dumps(dataclasses.asdict(info), indent=1))
+    """Write stack.json whole (a temporary file renamed into place: the supervisor reads it at any time)."""
+    path = _home(config) / "stack.json"
+    temporary = path.with_name(f".stack.json.{os.getpid()}.{secrets.token_hex(4)}")
+    temporary.write_text(json.dumps(dataclasses.asdict(info), indent=1))
+    os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def _stack_lock(config: Config, *, timeout_s: float = STACK_LOCK_TIMEOUT_S):
+    """Exclusive hold on the stack (``$HEADSHOTS_HOME/stack.lock``) for ``up`` and ``down``, so that the
+    supervisor's restart, an operator's ``up`` and ``down`` never run at once. The lock goes with the
+    process: a killed holder releases it (and the descriptor is not inherited by what ``up`` starts)."""
+    descriptor = os.open(_home(config) / "stack.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StackError(f"another `headshots up` or `down` has held {config.home_path / 'stack.lock'} "
+                                     f"for over {timeout_s:.0f} s; try again when it has finished") from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _credentials(config: Config) -> tuple[str, str]:
@@ -250,20 +317,230 @@ def effective_config(config: Config, info: StackInfo | None = None) -> Config:
     return config.replace(store=store, ray=ray_config, security=security)
 
 
-def is_up(config: Config) -> bool:
-    info = load_info(config)
-    if info is None:
-        return False
-    from storage.seaweed import is_running
+# --- health: what runs, what is missing ---------------------------------------------------------
 
-    if not config.store.endpoint and not (info.s3_pid and is_running(info.s3_pid)):
+@dataclass(frozen=True)
+class StackHealth:
+    """What :func:`diagnose` found.
+
+    ``store``: "ok", "down" or "external" (store.endpoint configured). ``ray``: "ok"; "down" (nothing
+    answers on the recorded GCS address, or none recorded); "half-dead" (the GCS answers but the head's
+    raylet is not running or the GCS knows no alive node: a dead node); "unresponsive" (the GCS port is
+    open but a query is not answered); or "external" (ray.address configured). ``missing_actors``: the
+    stack actors that do not exist (or are dead), checked only when Ray is "ok".
+    """
+
+    store: str
+    ray: str
+    missing_actors: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+
+    @property
+    def healthy(self) -> bool:
+        return self.store != "down" and self.ray in ("ok", "external") and not self.missing_actors
+
+    @property
+    def ray_needs_restart(self) -> bool:
+        return self.ray in ("down", "half-dead", "unresponsive")
+
+
+class StackProbe:
+    """The questions :func:`diagnose` asks about a running stack (the real answers: :class:`_LocalProbe`;
+    unit tests pass fakes). ``alive_node`` and ``live_actor_names`` return None when they cannot be asked
+    (another Ray version without that call) and raise when the GCS does not answer."""
+
+    def store_running(self) -> bool:
+        raise NotImplementedError
+
+    def gcs_port_open(self) -> bool:
+        raise NotImplementedError
+
+    def raylet_running(self) -> bool:
+        raise NotImplementedError
+
+    def alive_node(self) -> bool | None:
+        raise NotImplementedError
+
+    def live_actor_names(self) -> set[str] | None:
+        raise NotImplementedError
+
+
+def diagnose(config: Config, info: StackInfo | None, probe: StackProbe) -> StackHealth:
+    """The local stack's health from ``probe``'s answers (only the parts this config runs locally).
+
+    Ray is asked in order of cost and stops at the first failure: the GCS port, the head's raylet process
+    (found at once when killed; the GCS notices only after its health checks), then the GCS itself (an
+    alive node of this temp dir, then the named actors in the stack's namespace).
+    """
+    problems: list[str] = []
+    if config.store.endpoint:
+        store = "external"
+    elif info is None or not info.s3_pid or not probe.store_running():
+        store = "down"
+        problems.append("the S3 server is not running")
+    else:
+        store = "ok"
+    missing: tuple[str, ...] = ()
+    address = info.ray_address if info else ""
+    if config.ray.address:
+        ray_state = "external"
+    elif not address:
+        ray_state = "down"
+        problems.append("no Ray head is recorded")
+    elif not probe.gcs_port_open():
+        ray_state = "down"
+        problems.append(f"Ray's GCS at {address} does not accept connections")
+    elif not probe.raylet_running():
+        ray_state = "half-dead"
+        problems.append(f"Ray's GCS at {address} is up but the head's raylet is not running (the node died)")
+    else:
+        ray_state = "ok"
+        try:
+            alive = probe.alive_node()
+            names = probe.live_actor_names() if alive is not False else None
+        except Exception as error:  # noqa: BLE001 (any failure to answer is the finding)
+            ray_state = "unresponsive"
+            problems.append(f"Ray's GCS at {address} does not answer ({type(error).__name__}: {error})")
+        else:
+            if alive is False:
+                ray_state = "half-dead"
+                problems.append(f"Ray's GCS at {address} has no alive node")
+            elif names is not None:
+                missing = tuple(name for name in STACK_ACTOR_NAMES if name not in names)
+                problems.extend(f"the {name} actor does not exist" for name in missing)
+    return StackHealth(store=store, ray=ray_state, missing_actors=missing, problems=tuple(problems))
+
+
+_GCS_CLIENTS: dict[str, Any] = {}
+_GCS_CLIENTS_LOCK = threading.Lock()
+
+
+def _gcs_client(address: str):
+    """A GCS client for ``address`` (kept: the supervisor asks every few seconds), or None when this Ray
+    has no such client. Ask only after the port was found open: against a closed port it waits ~40 s."""
+    with _GCS_CLIENTS_LOCK:
+        if address not in _GCS_CLIENTS:
+            try:
+                from ray._raylet import InnerGcsClient
+            except ImportError:
+                return None
+            if not hasattr(InnerGcsClient, "standalone"):
+                return None
+            _GCS_CLIENTS.clear()  # another address: the old head is gone
+            _GCS_CLIENTS[address] = InnerGcsClient.standalone(address, None, int(GCS_QUERY_TIMEOUT_S * 1000))
+        return _GCS_CLIENTS[address]
+
+
+def _run_coroutine(coroutine_function):
+    """Run an async GCS call to completion from sync code, also when this thread has a running loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        return executor.submit(lambda: asyncio.run(coroutine_function())).result()
+
+
+def _alive_process(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    if not config.ray.address and not _ray_alive(info):
+    except psutil.AccessDenied:
+        return True
+
+
+class _LocalProbe(StackProbe):
+    """Asks the processes of this machine and the stack's own GCS."""
+
+    def __init__(self, config: Config, info: StackInfo | None):
+        self.config = config
+        self.info = info or StackInfo()
+        self.temp_dir = self.info.ray_temp_dir or str(_ray_temp_paths(config)[1])
+
+    def store_running(self) -> bool:
+        return _store_process_running(self.info)
+
+    def gcs_port_open(self) -> bool:
+        return _ray_alive(self.info)
+
+    def raylet_running(self) -> bool:
+        return bool(_raylet_processes(self.temp_dir))
+
+    def _client(self):
+        # The stack's token, as connect_ray sets it (the CLI sets it before ray is imported).
+        os.environ.update(_ray_token_environment(self.config))
+        return _gcs_client(self.info.ray_address)
+
+    def alive_node(self) -> bool | None:
+        client = self._client()
+        if client is None:
+            return None
+        from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+        nodes = client.get_all_node_info(timeout=GCS_QUERY_TIMEOUT_S,
+                                         state_filter=GcsNodeInfo.GcsNodeState.Value("ALIVE"))
+        # This stack's node: its temp dir (an older Ray without the field: any alive node).
+        return any(getattr(node, "temp_dir", "") in ("", self.temp_dir) for node in nodes.values())
+
+    def live_actor_names(self) -> set[str] | None:
+        client = self._client()
+        if client is None or not hasattr(client, "async_get_all_actor_info"):
+            return None
+        from ray.core.generated.gcs_pb2 import ActorTableData
+
+        async def actors():
+            return await client.async_get_all_actor_info(timeout=GCS_QUERY_TIMEOUT_S)
+
+        dead = ActorTableData.ActorState.Value("DEAD")
+        return {actor.name for actor in _run_coroutine(actors).values()
+                if actor.state != dead and actor.ray_namespace == self.config.ray.namespace and actor.name}
+
+
+def _store_process_running(info: StackInfo) -> bool:
+    """The recorded S3 server runs (a process of that pid that is the `weed` server, not a zombie)."""
+    import psutil
+
+    if not info.s3_pid:
         return False
-    return True
+    try:
+        process = psutil.Process(info.s3_pid)
+        arguments = " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+    return _alive_process(process) and "weed" in arguments
+
+
+def _raylet_processes(temp_dir: str) -> list:
+    """The running raylets of the Ray cluster whose temp dir is ``temp_dir``."""
+    import psutil
+
+    inside = temp_dir.rstrip("/") + "/"  # a path under it (not a sibling such as ".../ray2")
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            arguments = process.info["cmdline"] or []
+            name = process.info["name"] or ""
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if (name == "raylet" or (arguments and Path(arguments[0]).name == "raylet")) \
+                and any(inside in argument for argument in arguments) and _alive_process(process):
+            found.append(process)
+    return found
+
+
+def health(config: Config, info: StackInfo | None = None) -> StackHealth:
+    """Diagnose the running local stack (see :func:`diagnose`)."""
+    info = info if info is not None else load_info(config)
+    return diagnose(config, info, _LocalProbe(config, info))
+
+
+def is_up(config: Config) -> bool:
+    return health(config).healthy
 
 
 def _ray_alive(info: StackInfo) -> bool:
+    """Whether the recorded GCS port accepts connections (not enough on its own: see :func:`diagnose`)."""
     if not info.ray_address:
         return False
     host, _, port = info.ray_address.rpartition(":")
@@ -274,30 +551,106 @@ def _ray_alive(info: StackInfo) -> bool:
         return False
 
 
-def up(config: Config) -> StackInfo:
-    """Start whatever part of the local stack is missing, then the coordinator. Idempotent."""
-    from storage.seaweed import is_running, start_embedded_s3
-    from storage.store import ArtifactStore
+def _port_free(host: str, port: int) -> bool:
+    if not port:
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+# --- up -----------------------------------------------------------------------------------------
+
+@dataclass
+class UpResult:
+    info: StackInfo
+    # What this call started or restarted, in words (empty: the stack was whole already).
+    actions: list[str] = dataclasses.field(default_factory=list)
+    health: StackHealth | None = None
+
+
+def up(config: Config, **options: Any) -> StackInfo:
+    """Start or heal whatever part of the local stack is missing (see :func:`start_or_heal`). Idempotent."""
+    return start_or_heal(config, **options).info
+
+
+def start_or_heal(config: Config, *, supervise: bool = True, supervise_interval_s: float | None = None,
+                  for_supervisor: int | None = None) -> UpResult:
+    """Start whatever part of the local stack is missing or dead, then its actors. Idempotent.
+
+    A Ray head that is down, half-dead (GCS up, node dead) or unresponsive is stopped completely (every
+    process of its temp dir, by pid) and started again; the store, its data and credentials are kept,
+    and the actors are created again (the coordinator resumes running batches from the store). A live
+    head with a missing actor just gets the actor. Then a supervisor is started unless one runs
+    (``supervise``; only when both store and Ray are local), checking every ``supervise_interval_s``
+    (default: as the last one did, else :data:`SUPERVISE_INTERVAL_S`).
+
+    ``for_supervisor``: the call is the supervisor's (that pid): it does nothing unless that supervisor
+    is still the recorded one (``down`` clears it), and it never starts the store.
+    """
+    from storage.seaweed import start_embedded_s3
 
     home = _home(config)
-    info = load_info(config) or StackInfo()
-    if not config.store.endpoint and not (info.s3_pid and is_running(info.s3_pid)):
-        access_key, secret_key = _credentials(config)
-        port = int(info.s3_endpoint.rsplit(":", 1)[1]) if info.s3_endpoint else None
-        try:
-            server = start_embedded_s3(home / "s3", access_key=access_key, secret_key=secret_key, s3_port=port,
-                                       detach=True)
-        except Exception:
-            if port is None:
-                raise
-            server = start_embedded_s3(home / "s3", access_key=access_key, secret_key=secret_key, detach=True)
-        info.s3_pid, info.s3_endpoint, info.s3_data_dir = server.pid, server.endpoint, server.data_dir
+    with _stack_lock(config):
+        info = load_info(config) or StackInfo()
+        if for_supervisor is not None and info.supervisor_pid != for_supervisor:
+            raise StackError("the stack was stopped (or has another supervisor): the supervisor leaves it alone")
+        found = health(config, info)
+        actions: list[str] = []
+        if found.store == "down":
+            if for_supervisor is not None:
+                raise StackError("the S3 server is not running (stopped on purpose, or it died): the supervisor "
+                                 "does not restart the stack; `headshots up` does")
+            access_key, secret_key = _credentials(config)
+            port = int(info.s3_endpoint.rsplit(":", 1)[1]) if info.s3_endpoint else None
+            try:
+                server = start_embedded_s3(home / "s3", access_key=access_key, secret_key=secret_key, s3_port=port,
+                                           detach=True)
+            except Exception:
+                if port is None:
+                    raise
+                server = start_embedded_s3(home / "s3", access_key=access_key, secret_key=secret_key, detach=True)
+            info.s3_pid, info.s3_endpoint, info.s3_data_dir = server.pid, server.endpoint, server.data_dir
+            actions.append(f"started the S3 server (pid {server.pid})")
+            _save_info(config, info)
+        if found.ray_needs_restart:
+            was_running = bool(info.ray_address)
+            leftovers = _stop_ray_cluster(config, info)
+            if leftovers:
+                actions.append(f"stopped what was left of the Ray head ({leftovers} processes)")
+            old_ports = (info.metrics_port, info.retention_metrics_port)
+            info.ray_address, info.ray_temp_dir = _start_ray_head(config)
+            info.ray_started_here = True
+            # The metrics ports stay the same when still free (scrape configs keep working).
+            info.metrics_port, info.retention_metrics_port = (
+                port if _port_free(config.metrics.host, port) else 0 for port in old_ports)
+            if was_running:
+                info.ray_restarts += 1
+                info.ray_restarted_at = time.time()
+                actions.append(f"restarted the Ray head ({'; '.join(p for p in found.problems if 'Ray' in p)})")
+            else:
+                actions.append("started the Ray head")
+            _save_info(config, info)
+        else:
+            actions.extend(f"re-created the {name} actor" for name in found.missing_actors)
+        _start_actors(config, info)
+        info.started_at = info.started_at or time.time()
+        if supervise and for_supervisor is None and not config.store.endpoint and not config.ray.address:
+            interval_s = supervise_interval_s or info.supervisor_interval_s or SUPERVISE_INTERVAL_S
+            pid = _ensure_supervisor(config, info, interval_s=interval_s)
+            if pid is not None:
+                actions.append(f"started the supervisor (pid {pid})")
         _save_info(config, info)
-    if not config.ray.address and not _ray_alive(info):
-        info.ray_address, info.ray_temp_dir = _start_ray_head(config)
-        info.ray_started_here = True
-        info.metrics_port = info.retention_metrics_port = 0
-        _save_info(config, info)
+        return UpResult(info=info, actions=actions, health=found)
+
+
+def _start_actors(config: Config, info: StackInfo) -> None:
+    """Buckets and lifecycle rules, then the coordinator and the retention controller (created if absent)."""
+    from storage.store import ArtifactStore
+
     resolved = effective_config(config, info)
     store = ArtifactStore.from_config(resolved.store)
     store.ensure_buckets()
@@ -321,9 +674,16 @@ def up(config: Config) -> StackInfo:
     retention_port = info.retention_metrics_port or config.metrics.retention_port or next(spare_ports)
     controller = get_or_create_retention_controller(resolved, metrics_port=retention_port)
     info.retention_metrics_port = ray.get(controller.ping.remote())["metrics_port"] or retention_port
-    info.started_at = info.started_at or time.time()
-    _save_info(config, info)
-    return info
+
+
+def _stop_ray_cluster(config: Config, info: StackInfo) -> int:
+    """Stop every process of this stack's Ray cluster (its temp dir's, and the client server of its
+    recorded GCS address), by pid; how many there were. Never `ray stop` (it stops every cluster)."""
+    temp_dir = info.ray_temp_dir or str(_ray_temp_paths(config)[1])
+    processes = [p for p in _ray_processes(temp_dir, address=info.ray_address) if _alive_process(p)]
+    _terminate(processes, grace_s=RAY_STOP_GRACE_S)
+    info.ray_address = ""
+    return len(processes)
 
 
 def _ray_binary() -> Path:
@@ -349,9 +709,12 @@ def _start_ray_head(config: Config) -> tuple[str, str]:
     tried: set[int] = set()
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         flags = _RAY_LISTEN_PORT_FLAGS + _RAY_OTHER_PORT_FLAGS
-        ports = dict(zip(flags, _pick_free_ports(len(flags), exclude=tried)))
-        tried.update(ports.values())
-        outcome = _start_ray_head_once(config, binary, temp_dir, ports, environment, log_path)
+        chosen = _pick_free_ports(len(flags) + len(_RAY_ENVIRONMENT_PORTS), exclude=tried)
+        tried.update(chosen)
+        ports = dict(zip(flags, chosen))
+        attempt_environment = {**environment, **{variable: str(port) for variable, port in
+                                                 zip(_RAY_ENVIRONMENT_PORTS, chosen[len(flags):])}}
+        outcome = _start_ray_head_once(config, binary, temp_dir, ports, attempt_environment, log_path)
         if outcome == "started":
             return f"{LOOPBACK_IP}:{ports['port']}", str(temp_dir)
         if outcome != "port taken":
@@ -498,32 +861,218 @@ def connect(config: Config, *, start: bool = False) -> Config:
 
 
 def down(config: Config) -> dict[str, Any]:
-    """Stop the local stack's processes (only ours: other Ray clusters on the machine are left alone)."""
+    """Stop the local stack's processes (only ours: other Ray clusters on the machine are left alone).
+
+    The supervisor is stopped first, so that it cannot start again what is being stopped."""
     info = load_info(config)
-    stopped: dict[str, Any] = {"s3": False, "ray": False}
+    stopped: dict[str, Any] = {"s3": False, "ray": False, "supervisor": False}
     if info is None:
         return stopped
+    stopped["supervisor"] = _stop_supervisor(config, info)
+    with _stack_lock(config):
+        info = load_info(config) or info
+        stopped["supervisor"] = _stop_supervisor(config, info) or stopped["supervisor"]
+        import psutil
+
+        ray_processes: list[psutil.Process] = []
+        s3_processes: list[psutil.Process] = []
+        if info.ray_started_here and info.ray_temp_dir:
+            ray_processes = _ray_processes(info.ray_temp_dir, address=info.ray_address)
+            stopped["ray"] = bool(ray_processes)
+        if info.s3_pid and _store_process_running(info):
+            try:
+                s3_processes.append(psutil.Process(info.s3_pid))
+                stopped["s3"] = True
+            except psutil.NoSuchProcess:
+                pass
+        # Ray keeps nothing worth a slow shutdown (all state is in the store); the S3 server gets time
+        # to flush its volumes. Both are signalled at once.
+        _terminate(ray_processes + s3_processes, grace_s=RAY_STOP_GRACE_S)
+        _terminate(s3_processes, grace_s=S3_STOP_GRACE_S)
+        info.s3_pid, info.ray_address, info.ray_started_here = None, "", False
+        info.metrics_port = info.retention_metrics_port = 0
+        info.supervisor_pid = None
+        _save_info(config, info)
+    return stopped
+
+
+# --- the supervisor -----------------------------------------------------------------------------
+
+def _supervisor_config_path(config: Config) -> Path:
+    return config.home_path / SUPERVISOR_CONFIG_FILE
+
+
+def _supervisor_process(config: Config, info: StackInfo):
+    """The recorded supervisor's process if it runs (checked to be `headshots supervise` of this home,
+    so a reused pid is never taken for it), else None."""
     import psutil
 
-    ray_processes: list[psutil.Process] = []
-    s3_processes: list[psutil.Process] = []
-    if info.ray_started_here and info.ray_temp_dir:
-        ray_processes = _ray_processes(info.ray_temp_dir, address=info.ray_address)
-        stopped["ray"] = bool(ray_processes)
-    if info.s3_pid:
+    if not info.supervisor_pid:
+        return None
+    try:
+        process = psutil.Process(info.supervisor_pid)
+        arguments = process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    if "supervise" in arguments and str(_supervisor_config_path(config)) in arguments and _alive_process(process):
+        return process
+    return None
+
+
+def _ensure_supervisor(config: Config, info: StackInfo, *, interval_s: float) -> int | None:
+    """Start the supervisor unless it runs; its pid when started now (recorded in ``info``), else None.
+
+    It gets the config this call was given, as a file (0600: it may hold secrets) in the private home,
+    so that it restarts the stack exactly as it was started, whatever file or environment that came from.
+    """
+    if _supervisor_process(config, info) is not None:
+        return None
+    path = _supervisor_config_path(config)
+    _write_private(path, json.dumps(config.to_dict(), indent=1))
+    log_path = _home(config) / SUPERVISOR_LOG_FILE
+    descriptor = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(descriptor, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "headshots.cli", "--config", str(path), "supervise",
+             f"--interval={interval_s:g}"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd=str(config.home_path), env=dict(os.environ))
+    info.supervisor_pid, info.supervisor_interval_s = process.pid, interval_s
+    return process.pid
+
+
+def _stop_supervisor(config: Config, info: StackInfo) -> bool:
+    """Stop the recorded supervisor and what it runs (a restart in progress), by pid."""
+    import psutil
+
+    process = _supervisor_process(config, info)
+    if process is None:
+        return False
+    try:
+        family = [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    _terminate(family, grace_s=SUPERVISOR_STOP_GRACE_S)
+    return True
+
+
+class Supervisor:
+    """The supervisor's policy, one check at a time (:meth:`step`); the process is :func:`supervise`.
+
+    ``check()`` returns a :class:`StackHealth`; ``heal()`` runs ``headshots up`` for this supervisor and
+    returns (succeeded, what it said); ``still_ours()`` is False once ``down`` ran or another supervisor
+    was recorded; ``log(level, message)``.
+    """
+
+    def __init__(self, *, check, heal, still_ours, log, interval_s: float = SUPERVISE_INTERVAL_S,
+                 max_backoff_s: float = SUPERVISE_MAX_BACKOFF_S,
+                 confirm_unresponsive: int = SUPERVISE_CONFIRM_UNRESPONSIVE):
+        self.check, self.heal, self.still_ours, self.log = check, heal, still_ours, log
+        self.interval_s, self.max_backoff_s = interval_s, max_backoff_s
+        self.confirm_unresponsive = confirm_unresponsive
+        self.failures = 0  # restarts that failed in a row
+        self.unresponsive = 0  # checks in a row that found the GCS unresponsive
+        self.restarts = 0
+        self.unhealthy = False
+
+    def step(self) -> float | None:
+        """One check (and a restart if needed); seconds until the next step, or None: stop supervising."""
+        if not self.still_ours():
+            self.log(logging.INFO, "the stack was stopped (`headshots down`) or has another supervisor: exiting")
+            return None
+        found = self.check()
+        if found.healthy:
+            if self.unhealthy:
+                self.log(logging.INFO, "the stack is healthy again")
+            self.unhealthy, self.failures, self.unresponsive = False, 0, 0
+            return self.interval_s
+        self.unhealthy = True
+        if found.store == "down":
+            # Stopped on purpose or died: not ours to tell apart, and `headshots up` restarts it all.
+            self.log(logging.WARNING, "the S3 server is not running (stopped on purpose, or it died): the "
+                     "supervisor does not restart a stack without its store; exiting (`headshots up` restarts "
+                     "the stack and its supervisor)")
+            return None
+        if found.ray == "unresponsive":
+            self.unresponsive += 1
+            if self.unresponsive < self.confirm_unresponsive:
+                self.log(logging.WARNING, "%s (check %d of %d before a restart)", "; ".join(found.problems),
+                         self.unresponsive, self.confirm_unresponsive)
+                return self.interval_s
+        else:
+            self.unresponsive = 0
+        self.log(logging.WARNING, "unhealthy: %s; restarting what is missing", "; ".join(found.problems))
+        succeeded, said = self.heal()
+        if succeeded:
+            self.restarts += 1
+            self.failures, self.unresponsive = 0, 0
+            self.log(logging.INFO, "restarted (%d so far): %s", self.restarts, said)
+            return self.interval_s
+        if not self.still_ours():
+            self.log(logging.INFO, "the stack was stopped while restarting it: exiting")
+            return None
+        self.failures += 1
+        delay = min(self.interval_s * 2 ** self.failures, self.max_backoff_s)
+        self.log(logging.ERROR, "restart failed (%d in a row): %s; next try in %.0f s", self.failures, said, delay)
+        return delay
+
+
+def _heal_command(config: Config) -> list[str]:
+    return [sys.executable, "-m", "headshots.cli", "--config", str(_supervisor_config_path(config)), "up",
+            f"--for-supervisor={os.getpid()}"]
+
+
+def _run_heal(config: Config) -> tuple[bool, str]:
+    """`headshots up` for this supervisor, in a process of its own (a Ray driver cannot outlive the
+    cluster it connected to); (succeeded, its last line of output)."""
+    try:
+        completed = subprocess.run(_heal_command(config), capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                   timeout=SUPERVISE_HEAL_TIMEOUT_S, cwd=str(config.home_path))
+    except subprocess.TimeoutExpired:
+        return False, f"`headshots up` did not finish within {SUPERVISE_HEAL_TIMEOUT_S:.0f} s"
+    lines = [line for line in (completed.stdout + "\n" + completed.stderr).splitlines() if line.strip()]
+    said = lines[-1] if lines else f"exit {completed.returncode}"
+    if completed.returncode == 0:
+        said = "; ".join(line.strip() for line in completed.stdout.splitlines() if line.strip()) or said
+    return completed.returncode == 0, said
+
+
+def supervise(config: Config, *, interval_s: float = SUPERVISE_INTERVAL_S) -> int:
+    """The supervisor process (``headshots supervise``, started by ``up``): check the stack every
+    ``interval_s`` and run ``up`` when something is missing, until ``down`` (or the store is gone)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s supervisor[%(process)d]: %(message)s",
+                        stream=sys.stderr, force=True)
+    log = logging.getLogger("headshots.supervisor")
+    stop = threading.Event()
+
+    def on_signal(number, _frame):
+        log.info("stopping (signal %d)", number)
+        stop.set()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # `up` records this pid while it holds the stack lock: wait for it to let go, then read it.
+    with _stack_lock(config):
+        pass
+
+    def still_ours() -> bool:
+        info = load_info(config)
+        return info is not None and info.supervisor_pid == os.getpid()
+
+    supervisor = Supervisor(check=lambda: health(config), heal=lambda: _run_heal(config), still_ours=still_ours,
+                            log=log.log, interval_s=interval_s)
+    log.info("supervising the stack in %s every %g s", config.home_path, interval_s)
+    while not stop.is_set():
         try:
-            s3_processes.append(psutil.Process(info.s3_pid))
-            stopped["s3"] = True
-        except psutil.NoSuchProcess:
-            pass
-    # Ray keeps nothing worth a slow shutdown (all state is in the store); the S3 server gets time
-    # to flush its volumes. Both are signalled at once.
-    _terminate(ray_processes + s3_processes, grace_s=RAY_STOP_GRACE_S)
-    _terminate(s3_processes, grace_s=S3_STOP_GRACE_S)
-    info.s3_pid, info.ray_address, info.ray_started_here = None, "", False
-    info.metrics_port = info.retention_metrics_port = 0
-    _save_info(config, info)
-    return stopped
+            delay = supervisor.step()
+        except Exception as error:  # noqa: BLE001 (a failed check must not end the supervision)
+            log.exception("check failed: %s", error)
+            delay = interval_s
+        if delay is None:
+            return 0
+        stop.wait(delay)
+    return 0
 
 
 RAY_STOP_GRACE_S = 2.0
