@@ -1,0 +1,123 @@
+"""The Ray driver of a multi-node test cluster, run on its head host by :class:`multinode.Driver`.
+
+``python -m tests.integration.multinode_driver FD RAY_ADDRESS NODE_IP NAMESPACE``: connects to the
+cluster as a driver on the head node, then runs the functions below by name for the test process,
+which sends them over the socket ``FD``. Everything here is a thin call into the system's own code
+(:mod:`cluster.actors`) or into Ray's tables.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import ray
+
+_config = None
+
+
+@ray.remote(num_gpus=1, num_cpus=0)
+def _where_am_i() -> dict[str, Any]:
+    return {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()], "pid": os.getpid()}
+
+
+def ping() -> dict[str, Any]:
+    return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address()}
+
+
+def nodes() -> list[dict[str, Any]]:
+    return [{"node_id": node["NodeID"], "address": node["NodeManagerAddress"], "alive": node["Alive"],
+             "resources": node.get("Resources", {})} for node in ray.nodes()]
+
+
+def gpu_task_nodes(count: int = 1) -> list[dict[str, Any]]:
+    """Where ``count`` tasks asking for one GPU each ran."""
+    return ray.get([_where_am_i.remote() for _ in range(count)], timeout=300)
+
+
+def actor_nodes() -> dict[str, dict[str, Any]]:
+    """Every named actor of the stack: its state and the address of the node it is (or was last) on."""
+    from ray._private.state import actors
+
+    found = {}
+    for actor in actors().values():
+        name = actor.get("Name") or ""
+        if name.startswith("headshots-"):
+            found[name] = {"state": actor.get("State"), "node_ip": (actor.get("Address") or {}).get("IPAddress"),
+                           "pid": actor.get("Pid"), "restarts": actor.get("NumRestarts")}
+    return found
+
+
+def start_stack(config: dict[str, Any]) -> dict[str, Any]:
+    """The coordinator and the retention controller, created from this driver (on the head node)."""
+    global _config
+    from cluster.actors import get_or_create_coordinator, get_or_create_retention_controller
+    from headshots.config import Config
+
+    _config = Config.from_dict(config)
+    coordinator = get_or_create_coordinator(_config, metrics_port=None)
+    get_or_create_retention_controller(_config, metrics_port=None)
+    return {"epoch": ray.get(coordinator.start.remote(), timeout=120)["epoch"]}
+
+
+def wait_gpu_workers(count: int, timeout_s: float = 180.0) -> list[dict[str, Any]]:
+    """Until ``count`` GPU workers answer; their ``info()`` (with the node each runs on)."""
+    from cluster.actors import existing_gpu_workers
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        workers = existing_gpu_workers(_config.ray.namespace)
+        if len(workers) >= count:
+            try:
+                return ray.get([worker.info.remote() for worker in workers], timeout=30)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} GPU workers did not answer within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def submit(tenant: str, batch_id: str) -> dict[str, Any]:
+    from cluster.actors import COORDINATOR_NAME
+
+    coordinator = ray.get_actor(COORDINATOR_NAME, namespace=_config.ray.namespace)
+    return ray.get(coordinator.submit.remote(tenant, batch_id), timeout=120)
+
+
+def coordinator_epoch() -> int:
+    from cluster.actors import COORDINATOR_NAME
+
+    coordinator = ray.get_actor(COORDINATOR_NAME, namespace=_config.ray.namespace)
+    return ray.get(coordinator.start.remote(), timeout=120)["epoch"]
+
+
+def remove_stack() -> None:
+    """Kill the stack's named actors (the cluster is torn down next; this only ends them cleanly)."""
+    from tests.integration.ray_actors import remove_named_actors
+
+    if _config is not None:
+        remove_named_actors(ray, _config.ray.namespace)
+
+
+FUNCTIONS = {function.__name__: function for function in (
+    ping, nodes, gpu_task_nodes, actor_nodes, start_stack, wait_gpu_workers, submit, coordinator_epoch, remove_stack)}
+
+
+def main(argv: list[str]) -> None:
+    from tests.integration.multinode import serve_driver
+
+    fd, address, node_ip, namespace = int(argv[0]), argv[1], argv[2], argv[3]
+    ray.init(address=address, _node_ip_address=node_ip, namespace=namespace, log_to_driver=False,
+             configure_logging=False)
+    try:
+        serve_driver(fd, FUNCTIONS)
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
