@@ -364,8 +364,8 @@ def cmd_status(args, config) -> int:
         watch(resolved, args.batch, tenant=args.tenant)
     summary = client.batch_status(resolved, args.batch, tenant=args.tenant)
     if args.json:
-        print(json.dumps({key: summary[key] for key in ("tenant", "batch_id", "state", "eta_seconds", "stalled_since",
-                                                         "hint", "persons")}, indent=1))
+        print(json.dumps({key: summary.get(key) for key in ("tenant", "batch_id", "state", "eta_seconds",
+                                                             "stalled_since", "hint", "persons")}, indent=1))
     else:
         eta = f", ETA {format_eta(summary['eta_seconds'])}" if summary["eta_seconds"] is not None else ""
         print(f"batch {summary['batch_id']} ({summary['tenant']}): {summary['state']}{eta}")
