@@ -619,6 +619,7 @@ def start_or_heal(config: Config, *, supervise: bool = True, supervise_interval_
         if found.ray_needs_restart:
             was_running = bool(info.ray_address)
             leftovers = _stop_ray_cluster(config, info)
+            _save_info(config, info)  # no address of a cluster that is gone, should the start below fail
             if leftovers:
                 actions.append(f"stopped what was left of the Ray head ({leftovers} processes)")
             old_ports = (info.metrics_port, info.retention_metrics_port)
@@ -899,7 +900,7 @@ def down(config: Config) -> dict[str, Any]:
 # --- the supervisor -----------------------------------------------------------------------------
 
 def _supervisor_config_path(config: Config) -> Path:
-    return config.home_path / SUPERVISOR_CONFIG_FILE
+    return config.home_path.resolve() / SUPERVISOR_CONFIG_FILE
 
 
 def _supervisor_process(config: Config, info: StackInfo):
@@ -928,7 +929,8 @@ def _ensure_supervisor(config: Config, info: StackInfo, *, interval_s: float) ->
     if _supervisor_process(config, info) is not None:
         return None
     path = _supervisor_config_path(config)
-    _write_private(path, json.dumps(config.to_dict(), indent=1))
+    home = config.home_path.resolve()  # the supervisor runs in the home: a relative one would not be found
+    _write_private(path, json.dumps(config.replace(home=str(home)).to_dict(), indent=1))
     log_path = _home(config) / SUPERVISOR_LOG_FILE
     descriptor = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(descriptor, "ab") as log:
@@ -936,9 +938,17 @@ def _ensure_supervisor(config: Config, info: StackInfo, *, interval_s: float) ->
             [sys.executable, "-m", "headshots.cli", "--config", str(path), "supervise",
              f"--interval={interval_s:g}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            cwd=str(config.home_path), env=dict(os.environ))
+            cwd=str(home), env=_supervisor_environment())
     info.supervisor_pid, info.supervisor_interval_s = process.pid, interval_s
     return process.pid
+
+
+def _supervisor_environment() -> dict[str, str]:
+    """This process's environment, with the folder this code is imported from first on the path: the
+    supervisor (and the `up` it runs) run the same code as the `up` that started it, installed or not."""
+    code_root = str(Path(__file__).resolve().parent.parent)
+    path = [code_root, *[entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path))}
 
 
 def _stop_supervisor(config: Config, info: StackInfo) -> bool:
@@ -1027,7 +1037,7 @@ def _run_heal(config: Config) -> tuple[bool, str]:
     cluster it connected to); (succeeded, its last line of output)."""
     try:
         completed = subprocess.run(_heal_command(config), capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                   timeout=SUPERVISE_HEAL_TIMEOUT_S, cwd=str(config.home_path))
+                                   timeout=SUPERVISE_HEAL_TIMEOUT_S, cwd=str(config.home_path.resolve()))
     except subprocess.TimeoutExpired:
         return False, f"`headshots up` did not finish within {SUPERVISE_HEAL_TIMEOUT_S:.0f} s"
     lines = [line for line in (completed.stdout + "\n" + completed.stderr).splitlines() if line.strip()]
