@@ -18,13 +18,13 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo" / "photos"
 
 @pytest.fixture(scope="module")
 def elastic_config(base_config):
-    # Fine-tunes long enough (400 tiny steps each, four persons on one worker) that the work outlasts a
+    # Fine-tunes long enough (150 tiny steps each, four persons on one worker) that the work outlasts a
     # second worker's start many times over, even on a loaded 2-core machine: with the suite's 6 steps
     # the batch could finish before the new worker got anything to do.
     return base_config.replace(
         workers=dataclasses.replace(base_config.workers, autoscale=True, gpu_workers=2, min_gpu_workers=1,
                                     scale_down_idle_s=2),
-        training=dataclasses.replace(base_config.training, steps=400, checkpoint_every=100))
+        training=dataclasses.replace(base_config.training, steps=150, checkpoint_every=50))
 
 
 def _requested_gpu_bundles(ray) -> int | None:
