@@ -11,7 +11,6 @@ and whatever else the deletion sends in the next 30 s, meets a server that is no
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -19,8 +18,6 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-
-from PIL import Image
 
 from headshots import client
 from headshots.manifest import BatchManifest, PersonSpec
@@ -35,7 +32,7 @@ from storage.state import PersonState, StateStore
 from storage.store import ArtifactStore
 from storage.sweep import delete_on_request, run_sweep
 from tests.integration.conftest import TEST_CONSENT
-from tests.integration.deletion_audit import PERSON_CLASSES, assert_erased
+from tests.integration.deletion_audit import PERSON_CLASSES, assert_erased, make_photo
 
 DOWN_S = 30.0
 # Generous: the deletion waits out DOWN_S plus the server's stop and start; this only bounds a hang.
@@ -73,16 +70,6 @@ def _outage_store(store: ArtifactStore, s3_server, prefix: str) -> tuple[Artifac
     assert store.outage_tolerance_s >= DOWN_S + STOP_GRACE_S + READY_TIMEOUT_S, store.outage_tolerance_s
     return ArtifactStore(faulty, store.buckets, server_side_encryption=store.server_side_encryption,
                          outage_tolerance_s=store.outage_tolerance_s), faulty
-
-
-def _photo(rng: random.Random) -> bytes:
-    image = Image.new("RGB", (96, 96), tuple(rng.randrange(256) for _ in range(3)))
-    for _ in range(20):
-        x, y = rng.randrange(90), rng.randrange(90)
-        image.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + 6, y + 6))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def _write_versions(store, key_store, person: PersonState, versions: int = 3) -> None:
@@ -146,7 +133,8 @@ def test_an_early_deletion_waits_out_a_30_s_outage_and_leaves_nothing(s3_server,
     for number in range(3):
         for person in (target, bystander):
             client.add_photo_bytes(base_config, tenant=tenant, batch_id=created.batch_id,
-                                   person_id=person.person_id, filename=f"{number}.jpg", data=_photo(rng), store=store)
+                                   person_id=person.person_id, filename=f"{number}.jpg", data=make_photo(rng),
+                                   store=store)
     states = StateStore(store)
     person = states.load_person(tenant, created.batch_id, "target")
     _write_versions(store, setup_keys, person)

@@ -9,14 +9,11 @@ asserted is the same for all of them.
 
 from __future__ import annotations
 
-import io
 import random
 import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from PIL import Image
-
 from headshots import client
 from headshots.manifest import BatchManifest, PersonSpec
 from storage import barrier, keys
@@ -28,23 +25,12 @@ from storage.scoped import PersonRevoked, PersonScope
 from storage.state import StateConflict, StateStore
 from storage.sweep import delete_on_request, run_sweep
 from tests.integration.conftest import TEST_CONSENT
-from tests.integration.deletion_audit import assert_erased
+from tests.integration.deletion_audit import assert_erased, make_photo
 
 SEEDS = range(12)
 # Below the 50 photos a person may have: the racing uploader never hits that limit instead of the barrier.
 MAX_RACING_UPLOADS = 40
 BYSTANDER_UPLOADS = 8
-
-
-def _photo(rng: random.Random) -> bytes:
-    """A small, valid, distinct JPEG (the edge's checks re-encode it; faces are checked later, at ingest)."""
-    image = Image.new("RGB", (96, 96), tuple(rng.randrange(256) for _ in range(3)))
-    for _ in range(20):
-        x, y = rng.randrange(90), rng.randrange(90)
-        image.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + 6, y + 6))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def _new_batch(config, store, tenant: str):
@@ -61,7 +47,7 @@ def test_deletion_wins_against_uploads_worker_writes_and_state_saves(seed, base_
     rng = random.Random(seed)
     target, bystander = _new_batch(base_config, store, tenant)
     states = StateStore(store)
-    photos = [_photo(rng) for _ in range(MAX_RACING_UPLOADS + 1)]
+    photos = [make_photo(rng) for _ in range(MAX_RACING_UPLOADS + 1)]
     uploads_landed = threading.Semaphore(0)
     deletion_done = threading.Event()
     start_deleting_after = rng.randrange(0, 6)  # uploads stored before the deletion begins
@@ -180,7 +166,7 @@ def test_a_writer_that_died_before_its_barrier_check_is_cleaned_up_by_the_sweep(
     rng = random.Random(99)
     target, _ = _new_batch(base_config, store, tenant)
     client.add_photo_bytes(base_config, tenant=tenant, batch_id=target.batch_id, person_id="target",
-                           filename="a.jpg", data=_photo(rng), store=store)
+                           filename="a.jpg", data=make_photo(rng), store=store)
     policy = load_policy(None)
     delete_on_request(store, policy, [target], include_outputs=True, requested_by="test", key_store=key_store)
     # A worker wrote (with a key it had cached) and died before it could look at the barrier: its
@@ -205,14 +191,14 @@ def test_a_deletion_that_died_right_after_its_barrier_is_finished_by_the_next_sw
     target, bystander = _new_batch(base_config, store, tenant)
     for name in ("a.jpg", "b.jpg"):
         client.add_photo_bytes(base_config, tenant=tenant, batch_id=target.batch_id, person_id="target",
-                               filename=name, data=_photo(rng), store=store)
+                               filename=name, data=make_photo(rng), store=store)
     # The deletion raised the barrier and died: no intent, no receipt, nothing deleted yet.
     barrier.raise_barrier(store, target, receipt_id="request-20261202T000000-deadbeef", requested_by="operator",
                           include_outputs=True)
     assert count_versions(store, "uploads", target.prefix) == 2
     with pytest.raises(ValueError, match="deleted"):  # the barrier alone already stops every writer
         client.add_photo_bytes(base_config, tenant=tenant, batch_id=target.batch_id, person_id="target",
-                               filename="c.jpg", data=_photo(rng), store=store)
+                               filename="c.jpg", data=make_photo(rng), store=store)
     summary = run_sweep(store, load_policy(None), key_store=key_store)
     assert summary.receipt.completed_from, "the sweep did not finish the dead deletion"
     assert_erased(store, target)
