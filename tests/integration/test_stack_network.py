@@ -8,66 +8,22 @@ that is still there, also when a test failed. Listening sockets are read from `s
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.local_stack import environment as _environment
+from tests.local_stack import kill_by_pid, run_cli, stack_processes
+
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}  # the last: an IPv6 socket bound to IPv4 loopback
 
 pytestmark = pytest.mark.skipif(shutil.which("ss") is None,
                                 reason="`ss` is missing: install iproute2 (apt-get install -y iproute2)")
-
-
-def _environment(home: Path) -> dict[str, str]:
-    # The checkout under test, even from a folder outside it.
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
-    return dict(os.environ, HEADSHOTS_HOME=str(home), PYTHONPATH=path)
-
-
-def run_cli(home: Path, *args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    completed = subprocess.run([sys.executable, "-m", "headshots.cli", *args], env=_environment(home),
-                               cwd=home.parent, capture_output=True, text=True, timeout=timeout)
-    if check and completed.returncode != 0:
-        raise AssertionError(f"headshots {' '.join(args)} exited {completed.returncode}:\n"
-                             f"{completed.stdout}\n{completed.stderr}")
-    return completed
-
-
-def stack_processes(info: dict) -> dict[int, str]:
-    """pid -> name of every process of the stack: the S3 server, and each process of its Ray cluster
-    (those naming its temp dir or its GCS address, such as the Ray client server, with their whole
-    process trees: raylet, agents, workers and the actors serving the coordinator's and the retention
-    controller's metrics)."""
-    roots: list[psutil.Process] = []
-    markers = [marker for marker in (info.get("ray_temp_dir"), f"--address={info.get('ray_address')}")
-               if marker and not marker.endswith("=")]
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            arguments = process.info["cmdline"] or []
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if process.pid == os.getpid():
-            continue
-        if any(marker in argument for marker in markers for argument in arguments):
-            roots.append(process)
-    if info.get("s3_pid") and psutil.pid_exists(info["s3_pid"]):
-        roots.append(psutil.Process(info["s3_pid"]))
-    found: dict[int, str] = {}
-    for root in roots:
-        try:
-            for process in [root, *root.children(recursive=True)]:
-                found[process.pid] = process.name()
-        except psutil.NoSuchProcess:
-            continue
-    return found
 
 
 def listening_sockets() -> list[tuple[str, int, set[int]]]:
@@ -84,21 +40,6 @@ def listening_sockets() -> list[tuple[str, int, set[int]]]:
     return sockets
 
 
-def _kill_leftovers(pids) -> None:
-    processes = []
-    for pid in pids:
-        try:
-            processes.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(processes, timeout=10)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     home = tmp_path_factory.mktemp("stack-network") / "home"
@@ -113,7 +54,7 @@ def stack(tmp_path_factory):
         before_down = json.loads(info_path.read_text()) if info_path.is_file() else {}
         seen.update(stack_processes(before_down))
         run_cli(home, "down", check=False, timeout=180)
-        _kill_leftovers(seen)
+        kill_by_pid(seen)
 
 
 def test_the_stack_records_a_loopback_ray_address(stack):
