@@ -77,10 +77,6 @@ DEFAULT_HEALTH = {
     "RAY_health_check_timeout_ms": "2000",
     "RAY_health_check_failure_threshold": "4",
 }
-# A process that cannot reach the GCS for this long exits by itself (Ray's default: 60 s), so a node
-# cut off for longer kills its own workers. Longer here, so that a cut-off node's stale workers stay
-# alive for as long as a test keeps the node cut off: the fencing has to hold on its own.
-GCS_RECONNECT_TIMEOUT_S = "300"
 READY_TIMEOUT_S = 120.0
 OBJECT_STORE_BYTES = 256 * 1024 * 1024  # per node; the system passes little through Ray's object store
 STOP_GRACE_S = 3.0
@@ -142,8 +138,7 @@ class Cluster:
         """What every Ray process and driver of this cluster runs with (token auth on)."""
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path, "RAY_USAGE_STATS_ENABLED": "0",
-                "OMP_NUM_THREADS": "1", "PYTHONPATH": path,
-                "RAY_gcs_rpc_server_reconnect_timeout_s": GCS_RECONNECT_TIMEOUT_S, **self.health}
+                "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **self.health}
 
     def store_settings(self) -> dict[str, Any]:
         """The ``store`` section of a config that reaches this cluster's S3 server (TLS, its CA)."""
@@ -227,7 +222,7 @@ def host_processes(cluster: Cluster, name: str) -> set[int]:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     pids.update(child.pid for child in process.children(recursive=True))
     pids.discard(os.getpid())
-    return {pid for pid in pids if _alive(pid)}  # a zombie (exited, not yet reaped) is gone already
+    return pids
 
 
 def _signal_all(pids: set[int], sig: int) -> None:
@@ -244,7 +239,7 @@ def _wait_gone(pids: set[int], timeout_s: float) -> set[int]:
         with contextlib.suppress(psutil.NoSuchProcess):
             processes.append(psutil.Process(pid))
     _, alive = psutil.wait_procs(processes, timeout=timeout_s)
-    return {process.pid for process in alive if _alive(process.pid)}
+    return {process.pid for process in alive if process.status() != psutil.STATUS_ZOMBIE}
 
 
 def stop_pids(pids: set[int], *, grace_s: float = STOP_GRACE_S) -> None:
@@ -494,39 +489,23 @@ def wait_for_nodes(cluster: Cluster, addresses: set[str], *, alive: bool = True,
                        f"{timeout_s:.0f} s (last view: {state})")
 
 
-def _cluster_processes(cluster: Cluster) -> set[int]:
+def down(cluster: Cluster) -> None:
+    """Stop every process of the cluster by pid, then remove its namespaces, veths and bridge.
+    Safe to call on a cluster that is half up or already down."""
     everyone: set[int] = set()
     for name, host in cluster.hosts.items():
         if Path(f"/run/netns/{host.netns}").exists() or host.temp_dir:
             everyone |= host_processes(cluster, name)
-    return everyone
-
-
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def down(cluster: Cluster) -> None:
-    """Stop every process of the cluster by pid, then remove its namespaces, veths and bridge.
-    Safe to call on a cluster that is half up or already down."""
     errors = []
     try:
-        stop_pids(_cluster_processes(cluster))
-        # A process may have been starting meanwhile (a raylet starting a worker): until none is left.
-        deadline = time.monotonic() + 30
-        while (left := _cluster_processes(cluster)) and time.monotonic() < deadline:
-            stop_pids(left, grace_s=0)
-        if left:
-            errors.append(f"processes {sorted(left)} of the cluster are still running")
+        stop_pids(everyone)
     except ClusterError as error:
         errors.append(str(error))
     for host in cluster.hosts.values():
         if Path(f"/run/netns/{host.netns}").exists():
+            left = netns_pids(host.netns)
+            if left:
+                errors.append(f"{host.netns} still has processes {sorted(left)}")
             _ip("netns", "del", host.netns, check=False)
         _ip("link", "del", host.veth, check=False)  # gone with the namespace, unless it was never moved
     _ip("link", "del", cluster.bridge, check=False)
