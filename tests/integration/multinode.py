@@ -7,7 +7,7 @@ addresses in ``10.251.<K>.0/24``, K chosen free):
   and the CPU stages run here, and so does every driver (``ip netns exec`` into it, see :class:`Driver`);
 - ``worker-1`` (.2), ``worker-2`` (.3), ...: Ray worker nodes with one fake GPU each (``--num-gpus=1``,
   ``--num-cpus=0``): only GPU workers land here;
-- ``s3`` (.4 + ...): the embedded SeaweedFS (``weed mini``, the flags of :mod:`storage.seaweed`) bound to
+- ``s3`` (the next address, .4 with two workers): the embedded SeaweedFS (``weed mini``, the flags of :mod:`storage.seaweed`) bound to
   its own address, S3 over TLS (a CA made for this cluster; the config refuses plain HTTP off loopback);
 - the bridge itself has .254 in the root namespace, so the test process reaches the S3 server (and
   nothing else needs it).
@@ -22,7 +22,8 @@ namespaces, the veths and the bridge. The cluster's description is kept in ``<ro
 
 Faults: :func:`kill` SIGKILLs every process of a host; :func:`partition` cuts a host off (``link``: its
 veth down, so it reaches nothing; ``ray``: blackhole routes to every other Ray host, so it still reaches
-S3 but not the head); :func:`heal` undoes a partition; :func:`restart_node` starts Ray on a host again.
+S3 but not the head); :func:`heal` undoes a partition; :func:`restart_node` starts a host's Ray (or the
+S3 server, with its data) again.
 
 Used by tests/integration/test_multinode.py and by ``scripts/local-cluster.sh`` (``python -m
 tests.integration.multinode up|down|kill|partition|heal|restart|status``).
@@ -222,7 +223,16 @@ def host_processes(cluster: Cluster, name: str) -> set[int]:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     pids.update(child.pid for child in process.children(recursive=True))
     pids.discard(os.getpid())
-    return pids
+    return {pid for pid in pids if _alive(pid)}  # a zombie (exited, not yet reaped) is gone already
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _signal_all(pids: set[int], sig: int) -> None:
@@ -239,7 +249,7 @@ def _wait_gone(pids: set[int], timeout_s: float) -> set[int]:
         with contextlib.suppress(psutil.NoSuchProcess):
             processes.append(psutil.Process(pid))
     _, alive = psutil.wait_procs(processes, timeout=timeout_s)
-    return {process.pid for process in alive if process.status() != psutil.STATUS_ZOMBIE}
+    return {process.pid for process in alive if _alive(process.pid)}
 
 
 def stop_pids(pids: set[int], *, grace_s: float = STOP_GRACE_S) -> None:
@@ -341,18 +351,22 @@ def _create_network(cluster: Cluster) -> None:
 
 def _start_s3(cluster: Cluster) -> None:
     """``weed mini`` in the s3 namespace on its own address, with storage.seaweed's flags and secrets
-    (filer/master HTTP off, JWT-signed chunks, mutual TLS on gRPC) and S3 over TLS."""
+    (filer/master HTTP off, JWT-signed chunks, mutual TLS on gRPC) and S3 over TLS. Started again
+    (:func:`restart_node`), it keeps its data, credentials and certificate."""
     from storage.seaweed import _security_environment, weed_binary
 
     host = cluster.hosts[S3]
     data_dir = Path(cluster.root) / "s3"
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
-    ca_file, cert_file, key_file = _write_s3_certificates(Path(cluster.root) / "tls", host.address)
-    cluster.s3_access_key = "hs" + secrets.token_hex(8)
-    cluster.s3_secret_key = secrets.token_urlsafe(30)
-    cluster.s3_ca_file = str(ca_file)
-    cluster.s3_endpoint = f"{host.address}:{S3_PORT}"
+    tls = Path(cluster.root) / "tls"
+    if not cluster.s3_access_key:
+        _write_s3_certificates(tls, host.address)
+        cluster.s3_access_key = "hs" + secrets.token_hex(8)
+        cluster.s3_secret_key = secrets.token_urlsafe(30)
+        cluster.s3_ca_file = str(tls / "ca.crt")
+        cluster.s3_endpoint = f"{host.address}:{S3_PORT}"
+    cert_file, key_file = tls / "s3.crt", tls / "s3.key"
     ports = S3_OTHER_PORTS
     command = [
         weed_binary(), "mini", f"-dir={data_dir}", f"-ip={host.address}", f"-ip.bind={host.address}",
@@ -442,7 +456,8 @@ def up(root: str | Path, *, workers: int = 2, health: dict[str, str] | None = No
                 started.result()
         wait_for_nodes(cluster, {host.address for host in cluster.ray_hosts})
     except BaseException:
-        down(cluster)
+        with contextlib.suppress(ClusterError):
+            down(cluster)  # the first error is the one to report
         raise
     cluster.save()
     return cluster
@@ -489,23 +504,30 @@ def wait_for_nodes(cluster: Cluster, addresses: set[str], *, alive: bool = True,
                        f"{timeout_s:.0f} s (last view: {state})")
 
 
-def down(cluster: Cluster) -> None:
-    """Stop every process of the cluster by pid, then remove its namespaces, veths and bridge.
-    Safe to call on a cluster that is half up or already down."""
+def _cluster_processes(cluster: Cluster) -> set[int]:
     everyone: set[int] = set()
     for name, host in cluster.hosts.items():
         if Path(f"/run/netns/{host.netns}").exists() or host.temp_dir:
             everyone |= host_processes(cluster, name)
+    return everyone
+
+
+def down(cluster: Cluster) -> None:
+    """Stop every process of the cluster by pid, then remove its namespaces, veths and bridge.
+    Safe to call on a cluster that is half up or already down."""
     errors = []
     try:
-        stop_pids(everyone)
+        stop_pids(_cluster_processes(cluster))
+        # A process may have been starting meanwhile (a raylet starting a worker): until none is left.
+        deadline = time.monotonic() + 30
+        while (left := _cluster_processes(cluster)) and time.monotonic() < deadline:
+            stop_pids(left, grace_s=0)
+        if left:
+            errors.append(f"processes {sorted(left)} of the cluster are still running")
     except ClusterError as error:
         errors.append(str(error))
     for host in cluster.hosts.values():
         if Path(f"/run/netns/{host.netns}").exists():
-            left = netns_pids(host.netns)
-            if left:
-                errors.append(f"{host.netns} still has processes {sorted(left)}")
             _ip("netns", "del", host.netns, check=False)
         _ip("link", "del", host.veth, check=False)  # gone with the namespace, unless it was never moved
     _ip("link", "del", cluster.bridge, check=False)
@@ -557,16 +579,19 @@ def heal(cluster: Cluster, name: str) -> None:
         if other.name != name:
             _ip("-n", host.netns, "route", "del", "blackhole", f"{other.address}/32", check=False)
     cluster.save()
-    if mode is None:
-        return
 
 
 def restart_node(cluster: Cluster, name: str) -> None:
-    """Start Ray again on a host whose processes are gone (after :func:`kill`, or a partitioned node
-    whose raylet exited when it learnt it had been declared dead); waits until Ray reports it alive."""
+    """Start a host's server again once its processes are gone (after :func:`kill`, or a partitioned
+    node whose raylet exited when it learnt it had been declared dead): Ray (waits until Ray reports the
+    node alive), or the S3 server (same data, credentials and certificate). Whatever is left of it is
+    stopped first."""
     left = host_processes(cluster, name)
     if left:
         stop_pids(left)
+    if cluster.hosts[name].role == "s3":
+        _start_s3(cluster)
+        return
     start_ray_host(cluster, name)
     wait_for_nodes(cluster, {cluster.hosts[name].address})
 
