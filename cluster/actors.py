@@ -2,7 +2,10 @@
 
 - ``headshots-coordinator``: detached, restarted forever; async (one event loop drives all batches).
 - ``headshots-gpu-<i>``: one per GPU (``num_gpus=1``), detached so a coordinator restart finds them;
-  restarted forever; actor calls retried (every stage call is idempotent).
+  restarted forever. Control calls (fence, revoke, purge, info) are retried by Ray; stage calls are not
+  (``max_task_retries=0``): a worker lost mid-stage fails the call at once, the pool takes the worker
+  out of rotation until it answers again, and the coordinator runs the stage on another worker (a
+  retry inside Ray would wait for the same actor, which never comes back when its node is gone).
 - ingest and packaging: plain tasks on CPU slots.
 """
 
@@ -18,6 +21,7 @@ import ray
 
 from cluster.coordinator import Coordinator
 from cluster.jobs import PersonJob, StageResult, WorkerLost
+from cluster.lease import HeadLease, NodeCutOff, lease_from_health_checks
 from cluster.retention import RetentionController
 from cluster.scheduler import FairScheduler, Task
 from cluster.worker import GpuWorker
@@ -31,6 +35,17 @@ GPU_WORKER_PREFIX = "headshots-gpu-"
 # Deletion waits at most this long for workers to confirm their purge.
 PURGE_TIMEOUT_S = 60
 ACTOR_TASK_RETRIES = 2
+# After a GPU worker was lost mid-stage: how long to wait at most for Ray to say whether the process
+# that ran the stage is gone (or for it to answer, if only the call's answer was lost), and how often
+# a worker out of rotation is asked whether it is back.
+SETTLE_TIMEOUT_S = 300.0
+REJOIN_POLL_S = 2.0
+# A fence call waits this long for a worker (whose own drain waits up to 120 s) before the worker is
+# taken out of rotation; a worker whose node is gone fails the call at once.
+FENCE_CALL_TIMEOUT_S = 150.0
+CONTROL_CALL_TIMEOUT_S = 30.0
+# Only the head node has this resource: the stack's singletons ask for a sliver of it.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 logger = logging.getLogger(__name__)
 
 
@@ -70,7 +85,8 @@ class GpuWorkerActor(GpuWorker):
     def __init__(self, config, worker_id: str, namespace: str):
         self._namespace = namespace
         self._coordinator = None
-        super().__init__(config, worker_id, report_objects=self._report)
+        self._node_id = ray.get_runtime_context().get_node_id()
+        super().__init__(config, worker_id, report_objects=self._report, lease=_head_lease(self._node_id))
         if ray.get_runtime_context().was_current_actor_reconstructed:
             try:  # for worker_restarts_total; a coordinator that is itself restarting misses one
                 ray.get_actor(COORDINATOR_NAME, namespace=namespace).worker_restarted.remote(worker_id)
@@ -79,7 +95,8 @@ class GpuWorkerActor(GpuWorker):
 
     def info(self) -> dict:
         # The GPU ids Ray assigned: workers sharing a GPU (workers.slots_per_gpu > 1) report the same one.
-        return {**super().info(), "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()]}
+        return {**super().info(), "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()], "node_id": self._node_id,
+                "node_ip": ray.util.get_node_ip_address()}
 
     def _report(self, job: PersonJob, objects) -> None:
         try:
@@ -89,6 +106,36 @@ class GpuWorkerActor(GpuWorker):
             self._coordinator.record_objects.remote(job.to_json(), [o.to_json() for o in objects])
         except Exception:  # the coordinator restarting must not fail a fine-tune
             self._coordinator = None
+
+
+def _head_lease(node_id: str) -> HeadLease:
+    """This node's lease (:mod:`cluster.lease`): the GCS's word that the node is alive, asked for the
+    node's own id; sized from Ray's health-check settings (the same on every node of a cluster)."""
+    from ray._raylet import NodeID
+
+    config = ray._config
+    lease_s, interval_s = lease_from_health_checks(config.health_check_period_ms(), config.health_check_timeout_ms(),
+                                                   config.health_check_failure_threshold())
+    node = NodeID.from_hex(node_id)
+
+    def probe(timeout_s: float) -> bool:
+        gcs = ray._private.worker.global_worker.gcs_client
+        return bool(gcs.check_alive([node], timeout=timeout_s)[0])
+
+    return HeadLease(probe, lease_s=lease_s, interval_s=interval_s).start()
+
+
+def _actor_instance(handle) -> tuple[str, int, int | None] | None:
+    """(state, restarts, pid) of an actor in Ray's actor table; None if the table cannot be read."""
+    from ray._private.state import actors
+
+    try:
+        record = actors(handle._actor_id.hex())
+    except Exception:  # noqa: BLE001 - the GCS is busy or away: the caller asks again
+        return None
+    if not record:
+        return None
+    return record.get("State"), record.get("NumRestarts") or 0, record.get("Pid")
 
 
 class RayWorkerPool:
@@ -119,13 +166,19 @@ class RayWorkerPool:
         for index, worker in enumerate(workers):
             self._add(f"gpu-{index}", worker)
         self._waiting: dict[tuple, asyncio.Future] = {}
+        # Workers lost mid-stage or not answering a fence, out of the scheduler until they answer again
+        # (their re-join probes).
+        self._out: dict[str, asyncio.Task] = {}
+        self._epoch = 0  # the epoch of the last fence: a worker that re-joins is fenced with it first
         self._idle_since: float | None = None
         self._starting: dict[str, asyncio.Task] = {}
         self.resources_requested = 0  # GPU bundles last asked of the autoscaler
 
     @property
     def workers(self) -> list:
-        return list(self._handles.values())
+        """Handles of the workers in rotation (not those lost and not back yet: a call to one whose node
+        is gone would wait for a restart that may never come)."""
+        return [handle for worker_id, handle in self._handles.items() if worker_id not in self._out]
 
     def _add(self, worker_id: str, handle) -> None:
         self._handles[worker_id] = handle
@@ -156,13 +209,17 @@ class RayWorkerPool:
             self._waiting.pop(task.key, None)
             self.scheduler.cancel(lambda queued: queued.key == task.key)
             raise
+        handle = self._handles[worker_id]
+        # Which process runs the stage, so that after a loss we can tell when it is gone.
+        instance = await asyncio.to_thread(_actor_instance, handle)
         started = loop.time()
         try:
-            result = await getattr(self._handles[worker_id], method).remote(job)
+            result = await getattr(handle, method).options(max_task_retries=0).remote(job)
         except BaseException as error:
-            if worker_id in self._handles:
+            if worker_id in self._handles and worker_id not in self._out:
                 self.scheduler.complete(worker_id, task, loop.time() - started, failed=True)
             if _is_worker_loss(error):
+                await self._worker_lost(worker_id, handle, instance, job)
                 raise WorkerLost(f"GPU worker {worker_id} was lost during {method} of {job.ref.prefix}: "
                                  f"{type(error).__name__}") from error
             raise
@@ -172,6 +229,76 @@ class RayWorkerPool:
         finally:
             self._dispatch()
         return result
+
+    # --- workers lost mid-stage ------------------------------------------------------------------
+
+    async def _worker_lost(self, worker_id: str, handle, instance, job: PersonJob) -> None:
+        """Take the worker out of rotation (until it answers again), then return once the process that
+        ran the lost call cannot still be running it, so the stage may run elsewhere."""
+        self._take_out(worker_id, handle, "lost mid-stage")
+        outcome = await self._settle(handle, instance, job)
+        logger.info("GPU worker %s: the lost call's process is %s", worker_id, outcome)
+
+    async def _settle(self, handle, instance, job: PersonJob) -> str:
+        """Until Ray's actor table shows the instance that ran the call replaced or dead (its node
+        declared dead or its process gone; a live process on a node declared dead stops by its lease),
+        or the instance answers a fence for the job's epoch (alive, only the answer was lost: the
+        fence returns once its stage stopped). "gone", "drained", or "unknown" after SETTLE_TIMEOUT_S."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETTLE_TIMEOUT_S
+        fence = None
+        while True:
+            now = await asyncio.to_thread(_actor_instance, handle)
+            if now is not None and (now[0] != "ALIVE" or (instance is not None and now[1:] != instance[1:])):
+                return "gone"
+            if fence is None:
+                fence = asyncio.wrap_future(handle.fence.options(max_task_retries=0).remote(job.epoch).future())
+                # Read its error even when no one waits for it any more (a call left hanging on a gone node).
+                fence.add_done_callback(lambda done: done.cancelled() or done.exception())
+            if fence.done():
+                try:
+                    answer = fence.result()
+                except Exception:  # noqa: BLE001 - unreachable or restarting: ask the table again
+                    answer = None
+                if answer is not None:
+                    if instance is not None and answer.get("pid") != instance[2]:
+                        return "gone"  # another process answers for the worker now
+                    if answer.get("drained"):
+                        return "drained"
+                fence = None
+            if loop.time() >= deadline:
+                logger.warning("could not tell within %.0f s whether a lost GPU worker still runs its stage",
+                               SETTLE_TIMEOUT_S)
+                return "unknown"
+            await asyncio.sleep(0.5)
+
+    def _take_out(self, worker_id: str, handle, why: str) -> None:
+        if worker_id in self._handles and worker_id not in self._out:
+            self.scheduler.remove_worker(worker_id)
+            self._out[worker_id] = asyncio.get_running_loop().create_task(self._rejoin(worker_id, handle))
+            logger.warning("GPU worker %s %s; out of rotation until it answers again", worker_id, why)
+
+    async def _rejoin(self, worker_id: str, handle) -> None:
+        """Ask a lost worker every REJOIN_POLL_S whether it is back (Ray restarted it on a node with a
+        free GPU, or the node came back); then it takes stages again."""
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(asyncio.wrap_future(
+                        handle.info.options(max_task_retries=0).remote().future()), timeout=30)
+                    # Back: first make sure it runs nothing of an older epoch (and knows the current one).
+                    await asyncio.wait_for(asyncio.wrap_future(
+                        handle.fence.options(max_task_retries=0).remote(self._epoch).future()),
+                        timeout=FENCE_CALL_TIMEOUT_S)
+                    break
+                except Exception:  # noqa: BLE001 - restarting, pending (no GPU free) or unreachable
+                    await asyncio.sleep(REJOIN_POLL_S)
+            if self._handles.get(worker_id) is handle:
+                self.scheduler.add_worker(worker_id)
+                logger.info("GPU worker %s is back in rotation", worker_id)
+        finally:
+            self._out.pop(worker_id, None)
+        self._dispatch()
 
     # --- views for metrics and status ------------------------------------------------------------
 
@@ -188,12 +315,13 @@ class RayWorkerPool:
         return self.scheduler.queue_depth()
 
     def busy_ratios(self, window_s: float = 60.0) -> dict[str, float]:
-        return {worker_id: self.scheduler.busy_ratio(worker_id, window_s) for worker_id in self._handles}
+        return {worker_id: self.scheduler.busy_ratio(worker_id, window_s) for worker_id in self._handles
+                if worker_id not in self._out}
 
     async def worker_info(self, timeout_s: float = 5.0) -> dict[str, dict[str, Any]]:
         """Each worker's ``info()`` (pid, GPU memory and utilisation); workers that do not answer in time
         (restarting, busy starting up) are left out."""
-        ids = list(self._handles)
+        ids = [worker_id for worker_id in self._handles if worker_id not in self._out]
         refs = [self._handles[worker_id].info.remote() for worker_id in ids]
         ready, _ = await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=timeout_s)
         ready_set = set(ready)
@@ -209,9 +337,24 @@ class RayWorkerPool:
     # --- fencing and deletion ---------------------------------------------------------------------
 
     async def fence(self, epoch: int) -> list[dict[str, Any]]:
-        """Tell every worker a coordinator of ``epoch`` took over; returns once stale stages stopped."""
-        return list(await asyncio.gather(*(worker.fence.remote(epoch) for worker in self.workers),
-                                         return_exceptions=True))
+        """Tell every worker a coordinator of ``epoch`` took over; returns once stale stages stopped.
+
+        A worker that cannot be reached (restarting, its node gone or cut off, or still draining after
+        FENCE_CALL_TIMEOUT_S) is taken out of rotation and fenced when it answers again; a cut-off one
+        stops its stage by its lease (:mod:`cluster.lease`)."""
+        self._epoch = max(self._epoch, epoch)
+        ids = [worker_id for worker_id in self._handles if worker_id not in self._out]
+
+        async def fence_one(worker_id: str) -> dict[str, Any]:
+            handle = self._handles[worker_id]
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(
+                    handle.fence.options(max_task_retries=0).remote(epoch).future()), timeout=FENCE_CALL_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001 - reported, and the worker waits out of rotation
+                self._take_out(worker_id, handle, f"did not answer the epoch {epoch} fence")
+                return {"worker_id": worker_id, "drained": False, "unreachable": type(error).__name__}
+
+        return list(await asyncio.gather(*(fence_one(worker_id) for worker_id in ids)))
 
     async def ingest(self, job: PersonJob) -> StageResult:
         return await _cpu_stage(ingest_task.remote(self.config, job), "ingest", job)
@@ -230,11 +373,26 @@ class RayWorkerPool:
 
     async def revoke(self, prefixes: list[str]) -> list[dict[str, Any]]:
         """Tell every worker (busy or not) to refuse any further step or write for these persons."""
-        return list(await asyncio.gather(*(worker.revoke.remote(prefixes) for worker in self.workers)))
+        return await self._tell_all("revoke", prefixes)
 
     async def allow(self, prefixes: list[str]) -> list[dict[str, Any]]:
         """Lift a revocation made for a cancellation (never called for a deletion)."""
-        return list(await asyncio.gather(*(worker.allow.remote(prefixes) for worker in self.workers)))
+        return await self._tell_all("allow", prefixes)
+
+    async def _tell_all(self, method: str, prefixes: list[str]) -> list[dict[str, Any]]:
+        """Call ``method`` on every worker in rotation at once, without Ray's retries: a worker that is
+        restarting comes back empty (and asks the store's barrier before every stage), one whose node
+        is gone or cut off stops by its lease; either is reported as unreachable instead of waited for."""
+        ids = [worker_id for worker_id in self._handles if worker_id not in self._out]
+
+        async def tell(worker_id: str) -> dict[str, Any]:
+            call = getattr(self._handles[worker_id], method).options(max_task_retries=0).remote(prefixes)
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(call.future()), timeout=CONTROL_CALL_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001 - see above
+                return {"worker_id": worker_id, "unreachable": type(error).__name__}
+
+        return list(await asyncio.gather(*(tell(worker_id) for worker_id in ids)))
 
     # --- elastic pool ----------------------------------------------------------------------------
 
@@ -278,7 +436,11 @@ class RayWorkerPool:
             if len(self._handles) <= least:
                 break
             worker_id = f"gpu-{index}"
-            self.scheduler.remove_worker(worker_id)
+            rejoin = self._out.pop(worker_id, None)
+            if rejoin is not None:
+                rejoin.cancel()
+            else:
+                self.scheduler.remove_worker(worker_id)
             handle = self._handles.pop(worker_id)
             ray.kill(handle, no_restart=True)
             logger.info("elastic pool: released idle worker %s", worker_id)
@@ -324,7 +486,9 @@ def _is_worker_loss(error: BaseException) -> bool:
     from ray import exceptions
 
     if isinstance(error, exceptions.RayTaskError):
-        return False  # the stage's code raised: the person's input or the code is at fault
+        # The stage's code raised: the person's input or the code is at fault, unless it stopped
+        # because its node was declared dead (the stage belongs to another worker now).
+        return isinstance(getattr(error, "cause", None), NodeCutOff)
     return isinstance(error, (exceptions.RayActorError, exceptions.WorkerCrashedError,
                               exceptions.ObjectLostError, exceptions.NodeDiedError,
                               getattr(exceptions, "ActorUnavailableError", exceptions.RayActorError)))
@@ -424,9 +588,7 @@ class RetentionControllerActor(RetentionController):
 
 
 def _get_or_create_singleton(actor_class, name: str, config, metrics_port: int | None, *, max_concurrency: int):
-    """A named, detached, forever-restarted actor of the stack (created on first use)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+    """A named, detached, forever-restarted actor of the stack (created on first use), on the head node."""
     namespace = config.ray.namespace
     try:
         return ray.get_actor(name, namespace=namespace)
@@ -434,9 +596,11 @@ def _get_or_create_singleton(actor_class, name: str, config, metrics_port: int |
         return ray.remote(actor_class).options(
             name=name, namespace=namespace, lifetime="detached", get_if_exists=True, num_cpus=0,
             max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES, max_concurrency=max_concurrency,
-            # On the node that creates it (the head: `headshots up` runs there), where the metrics
-            # Service points; soft, so a restart still finds a home if that node is gone.
-            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
+            # On the head node, where the metrics Service points and which no GPU node's loss takes
+            # down. (A soft NodeAffinity to the creating node does not hold in Ray 2.60: measured on a
+            # three-node cluster, half of such detached actors landed on other nodes.) A head that is
+            # replaced (GCS fault tolerance, a restarted head pod) has the resource again.
+            resources={HEAD_NODE_RESOURCE: 0.001},
         ).remote(config, metrics_port, namespace)
 
 

@@ -11,6 +11,13 @@ If the actor dies and Ray restarts it, it starts empty; the coordinator re-sends
 - train: resumes from the last checkpoint in the models bucket (same result as an uninterrupted run);
 - generate: skips images already stored (keys are deterministic: style, index, seed).
 Both calls are therefore safe to repeat.
+
+Cut off from the head (a partitioned node, see :mod:`cluster.lease`): with a ``lease``, every training
+step and write first waits until the head has confirmed recently that this node is alive, and every
+write is confirmed again after it returns; once the head says the node is dead, the stage stops
+(:class:`~cluster.lease.NodeCutOff`), undoing a write that may have landed after its replacement
+started. Headshots are written create-only, so of two runs racing for one image exactly one version
+is stored, and the other run adopts it.
 """
 
 from __future__ import annotations
@@ -28,12 +35,13 @@ from pathlib import Path
 from typing import Callable
 
 from cluster.jobs import PersonJob, StageResult
+from cluster.lease import HeadLease, NodeCutOff
 from cluster.stages import gate_config, load_crops
 from pipeline import package
 from storage import barrier, keys
 from storage.crypto import key_store_for
 from storage.scoped import PersonScope
-from storage.store import ArtifactStore, StoredObject
+from storage.store import ArtifactStore, ObjectExists, StoredObject, StoreError, utc_now_iso
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +70,18 @@ def _forgets_person_key(stage):
             if self.is_stale(job):
                 raise StaleJob(f"job for {job.ref.prefix} comes from coordinator epoch {job.epoch}, but epoch "
                                f"{self._epoch} has taken over; the new coordinator re-sends what it needs")
+            if self.lease is not None and self.lease.dead:
+                raise NodeCutOff(f"this node was declared dead; {stage.__name__} of {job.ref.prefix} runs elsewhere")
             # The store's word, not only this process's: a deletion this worker was never told of
             # (it restarted, or the revoke missed it) still stops the stage before any cache is used.
             if barrier.is_deleted(self.store, job.ref):
                 self.purge([job.ref.prefix])
                 raise barrier.PersonDeleted(job.ref, f"{stage.__name__} stage")
+            self.running = f"{stage.__name__} {job.ref.prefix}"
             try:
                 return stage(self, job, *args, **kwargs)
             finally:
+                self.running = None
                 if self.key_store is not None:
                     self.key_store.forget(job.ref)
 
@@ -84,9 +96,11 @@ class GpuWorker:
         worker_id: a stable name for logs and metrics (e.g. ``gpu-0``).
         report_objects: called with each object written *as it is written* (checkpoints during a long
             fine-tune), so the person's state knows every version even if this worker dies later.
+        lease: this node's lease on the cluster (:mod:`cluster.lease`); None: never cut off (tests).
     """
 
-    def __init__(self, config, worker_id: str, *, report_objects: Reporter | None = None):
+    def __init__(self, config, worker_id: str, *, report_objects: Reporter | None = None,
+                 lease: HeadLease | None = None):
         import torch
 
         from pipeline import models
@@ -97,6 +111,7 @@ class GpuWorker:
         # None when person artifacts are not encrypted. Deletion calls self.key_store.forget(person).
         self.key_store = key_store_for(config, self.store)
         self.report_objects = report_objects or (lambda job, objects: None)
+        self.lease = lease
         torch.set_num_threads(config.workers.torch_threads)
         self.device, self.dtype = models.pick_device_and_dtype()
         self._base_model: str | None = None
@@ -113,6 +128,7 @@ class GpuWorker:
         self._epoch_lock = threading.Lock()
         self.pid = os.getpid()
         self.started_at = time.time()
+        self.running: str | None = None  # "<stage> <person prefix>" while a stage runs
 
     # --- deletion ----------------------------------------------------------------------------------
 
@@ -127,6 +143,41 @@ class GpuWorker:
 
     def is_stale(self, job: PersonJob) -> bool:
         return job.epoch < self._epoch
+
+    # --- cut off from the head -------------------------------------------------------------------
+
+    def _must_stop(self, job: PersonJob) -> bool:
+        """Asked before every training step and every write: true when the person is revoked or the job
+        is stale. While this node's lease has lapsed (the head did not confirm it alive lately) it
+        waits for the next confirmation first.
+
+        Raises:
+            NodeCutOff: the head declared this node dead (the stage runs elsewhere now).
+        """
+        def stop() -> bool:
+            return self.is_revoked(job.ref) or self.is_stale(job)
+
+        if stop():
+            return True
+        if self.lease is not None and not self.lease.valid():
+            return not self.lease.wait_valid(give_up=stop)
+        return False
+
+    def _confirmed(self, job: PersonJob, stored: StoredObject, *, undo: bool = True) -> StoredObject:
+        """After a write: ask the head again (a probe that starts now). Alive: nothing can have replaced
+        this stage when the write landed. Dead: a replacement may have started first, so the version is
+        removed (``undo``; for keys that are overwritten anyway: checkpoints, LoRA, cache) and the stage
+        stops. Create-only keys (headshots) are kept: a replacement that lost the race adopts them."""
+        if self.lease is None or self.lease.confirm() is not False:
+            return stored
+        if undo:
+            try:
+                self.store.remove_version(stored.artifact, stored.key, version_id=stored.version_id or "null")
+            except StoreError as error:
+                logger.warning("worker %s could not undo a write made after its node was declared dead (%s)",
+                               self.worker_id, type(error).__name__)
+        raise NodeCutOff(f"this node was declared dead while writing {stored.artifact} for {job.ref.prefix}"
+                         f"{'; the version was removed' if undo else ''}")
 
     def fence(self, epoch: int, timeout_s: float = 120.0) -> dict:
         """A new coordinator (``epoch``) took over: stop every stage its predecessors started.
@@ -182,7 +233,13 @@ class GpuWorker:
         return {"worker_id": self.worker_id, "device": self.device, "dtype": str(self.dtype),
                 "training_steps": self.config.training.steps, "pid": self.pid, "started_at": self.started_at,
                 "epoch": self._epoch, "base_model": self._base_model, "pipeline_loads": self.pipeline_loads,
-                "busy_s": self.busy_s, **_gpu_figures(self.device)}
+                "busy_s": self.busy_s, "running": self.running, **self._lease_figures(), **_gpu_figures(self.device)}
+
+    def _lease_figures(self) -> dict:
+        if self.lease is None:
+            return {}
+        return {"head_lease": {"valid": self.lease.valid(), "dead": self.lease.dead, "lapses": self.lease.lapses,
+                               "lease_s": self.lease.lease_s}}
 
     # --- base model ------------------------------------------------------------------------------
 
@@ -236,8 +293,7 @@ class GpuWorker:
 
         started = time.perf_counter()
         pipe = self._pipeline(job.base_model)
-        scope = PersonScope(self.store, job.ref, key_store=self.key_store,
-                            revoked=lambda: self.is_revoked(job.ref) or self.is_stale(job))
+        scope = PersonScope(self.store, job.ref, key_store=self.key_store, revoked=lambda: self._must_stop(job))
         result = StageResult()
         train_config = self._train_config(pipe)
         prompt = finetune.instance_prompt(train_config)
@@ -250,7 +306,7 @@ class GpuWorker:
             if not crops:
                 raise ValueError("no training crops found for this person; the ingest stage must run first")
             cache = finetune.prepare_training_cache(pipe, crops, prompt, train_config.resolution)
-            stored = scope.put("derived", cache_key, cache.to_bytes())
+            stored = self._confirmed(job, scope.put("derived", cache_key, cache.to_bytes()))
             result.objects.append(stored)
             self.report_objects(job, [stored])
 
@@ -261,14 +317,14 @@ class GpuWorker:
             logger.info("worker %s resumes %s at step %d", self.worker_id, job.ref.prefix, resume.step)
 
         def save_checkpoint(checkpoint) -> None:
-            stored_checkpoint = scope.put("models", checkpoint_key, checkpoint.to_bytes())
+            stored_checkpoint = self._confirmed(job, scope.put("models", checkpoint_key, checkpoint.to_bytes()))
             result.objects.append(stored_checkpoint)
             self.report_objects(job, [stored_checkpoint])
 
         trained = finetune.train_lora(pipe, cache, train_config, resume=resume, on_checkpoint=save_checkpoint,
-                                      should_stop=lambda: self.is_revoked(job.ref) or self.is_stale(job)
+                                      should_stop=lambda: self._must_stop(job)
                                       or (should_stop is not None and should_stop()))
-        stored_lora = scope.put("models", keys.lora_key(job.ref), trained.lora_bytes)
+        stored_lora = self._confirmed(job, scope.put("models", keys.lora_key(job.ref), trained.lora_bytes))
         result.objects.append(stored_lora)
         self.report_objects(job, [stored_lora])
         result.training_steps = trained.steps - trained.resumed_from
@@ -292,8 +348,7 @@ class GpuWorker:
 
         started = time.perf_counter()
         pipe = self._pipeline(job.base_model)
-        scope = PersonScope(self.store, job.ref, key_store=self.key_store,
-                            revoked=lambda: self.is_revoked(job.ref) or self.is_stale(job))
+        scope = PersonScope(self.store, job.ref, key_store=self.key_store, revoked=lambda: self._must_stop(job))
         presets = generate.load_style_presets(self.config.generation.styles_file or None)
         styles = generate.resolve_styles(list(job.styles), presets)
         tiny = job.base_model == models.TINY_MODEL
@@ -322,8 +377,11 @@ class GpuWorker:
             return faces.score_output(image, face_models, references, gate)
 
         stored_slots = _stored_slots(scope.list("outputs", "headshots/"))
-        lora_bytes = scope.get("models", keys.lora_key(job.ref))
         result = StageResult()
+        # Slots an interrupted run stored (possibly one that could not report them: a node cut off)
+        # are recorded with this run's objects, so the person's state lists every version delivered.
+        result.objects.extend(self._adopt(scope, [key for _, key in stored_slots.values()]))
+        lora_bytes = scope.get("models", keys.lora_key(job.ref))
         records, distances, flags = [], [], []
         regenerated = 0
         extra_by_style = dict(job.extra_by_style)
@@ -392,9 +450,16 @@ class GpuWorker:
             slots = missing_slots if checked else [image.index for _, image in delivered]
             for slot, (quality, image) in zip(slots, delivered):
                 key = keys.headshot_key(job.ref, style.name, slot, image.seed, extension)
-                stored = scope.put("outputs", key, package.encode_headshot(image.image,
-                                                                          fmt=self.config.generation.image_format),
-                                   content_type="image/png" if extension == ".png" else "image/jpeg")
+                try:
+                    # Create-only: a run that raced this one (a cut-off node's) cannot add a second version.
+                    stored = scope.put("outputs", key, package.encode_headshot(
+                        image.image, fmt=self.config.generation.image_format),
+                        content_type="image/png" if extension == ".png" else "image/jpeg", if_absent=True)
+                    stored = self._confirmed(job, stored, undo=False)
+                except ObjectExists:
+                    stored = next(iter(self._adopt(scope, [key])), None)
+                    if stored is None:
+                        raise
                 result.objects.append(stored)
                 self.report_objects(job, [stored])
                 result.images_by_style[style.name] = result.images_by_style.get(style.name, 0) + 1
@@ -408,6 +473,22 @@ class GpuWorker:
         result.seconds = time.perf_counter() - started
         self.busy_s += result.seconds
         return result
+
+    def _adopt(self, scope: PersonScope, output_keys: list[str]) -> list[StoredObject]:
+        """Records of headshots already stored under these keys (their one version each)."""
+        import hashlib
+
+        adopted = []
+        for key in output_keys:
+            versions = [version for k, version, marker in self.store.list_versions("outputs", key)
+                        if k == key and not marker]
+            if len(versions) != 1:
+                continue  # none (removed meanwhile) or several (left to the audit): nothing to adopt
+            data = scope.get("outputs", key)
+            adopted.append(StoredObject(artifact="outputs", bucket=self.store.bucket("outputs"), key=key,
+                                        version_id=versions[0], size=len(data),
+                                        sha256=hashlib.sha256(data).hexdigest(), written_at=utc_now_iso()))
+        return adopted
 
     def _reference_embeddings(self, scope: PersonScope, job: PersonJob) -> list[list[float]] | None:
         key = keys.identity_reference_key(job.ref)
