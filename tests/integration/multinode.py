@@ -78,6 +78,10 @@ DEFAULT_HEALTH = {
     "RAY_health_check_timeout_ms": "2000",
     "RAY_health_check_failure_threshold": "4",
 }
+# A process that cannot reach the GCS for this long exits by itself (Ray's default: 60 s), so a node
+# cut off for longer kills its own workers. Longer here, so that a cut-off node's stale workers stay
+# alive for as long as a test keeps the node cut off: the fencing has to hold on its own.
+GCS_RECONNECT_TIMEOUT_S = "300"
 READY_TIMEOUT_S = 120.0
 OBJECT_STORE_BYTES = 256 * 1024 * 1024  # per node; the system passes little through Ray's object store
 STOP_GRACE_S = 3.0
@@ -139,7 +143,8 @@ class Cluster:
         """What every Ray process and driver of this cluster runs with (token auth on)."""
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path, "RAY_USAGE_STATS_ENABLED": "0",
-                "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **self.health}
+                "OMP_NUM_THREADS": "1", "PYTHONPATH": path,
+                "RAY_gcs_rpc_server_reconnect_timeout_s": GCS_RECONNECT_TIMEOUT_S, **self.health}
 
     def store_settings(self) -> dict[str, Any]:
         """The ``store`` section of a config that reaches this cluster's S3 server (TLS, its CA)."""

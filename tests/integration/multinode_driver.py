@@ -81,6 +81,21 @@ def wait_gpu_workers(count: int, timeout_s: float = 180.0) -> list[dict[str, Any
         time.sleep(0.5)
 
 
+def gpu_workers(timeout_s: float = 1.0) -> list[dict[str, Any]]:
+    """``info()`` of every GPU worker that answers within ``timeout_s`` (the stage it runs, its node)."""
+    from cluster.actors import existing_gpu_workers
+
+    refs = [worker.info.options(max_task_retries=0).remote() for worker in existing_gpu_workers(_config.ray.namespace)]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    answers = []
+    for ref in ready:
+        try:
+            answers.append(ray.get(ref))
+        except Exception:  # noqa: BLE001 - lost or restarting: not answering
+            continue
+    return answers
+
+
 def submit(tenant: str, batch_id: str) -> dict[str, Any]:
     from cluster.actors import COORDINATOR_NAME
 
@@ -104,7 +119,8 @@ def remove_stack() -> None:
 
 
 FUNCTIONS = {function.__name__: function for function in (
-    ping, nodes, gpu_task_nodes, actor_nodes, start_stack, wait_gpu_workers, submit, coordinator_epoch, remove_stack)}
+    ping, nodes, gpu_task_nodes, actor_nodes, start_stack, wait_gpu_workers, gpu_workers, submit, coordinator_epoch,
+    remove_stack)}
 
 
 def main(argv: list[str]) -> None:

@@ -12,6 +12,7 @@ Select with ``-m multinode``; they run in CI by default (as root, with iproute2;
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import secrets
 import shutil
@@ -21,7 +22,15 @@ from pathlib import Path
 
 import pytest
 
+from headshots import client
+from headshots.config import Config
+from headshots.manifest import BatchManifest, PersonSpec
+from storage import keys
+from storage.keys import PersonRef
+from storage.state import StateStore
 from tests.integration import multinode
+from tests.integration.conftest import TEST_CONSENT, read_version
+from tests.integration.ray_actors import wait_for
 
 pytestmark = [
     pytest.mark.multinode,
@@ -30,7 +39,11 @@ pytestmark = [
 ]
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo" / "photos"
-
+# Fine-tunes long enough that a node can be killed mid-way (a checkpoint every 5 tiny steps), and
+# generation slow enough (more denoising steps, one image per call) that a partition lands mid-way.
+TRAINING = {"steps": 30, "rank": 4, "learning_rate": 1e-3, "checkpoint_every": 3}
+GENERATION = {"batch_size": 1, "steps_override": 12}
+PHOTOS = 2
 
 @pytest.fixture(scope="module")
 def cluster(request, tmp_path_factory):
@@ -53,10 +66,127 @@ def cluster(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def driver(cluster):
-    handle = multinode.Driver(cluster, namespace=f"mn-{uuid.uuid4().hex[:6]}")
+def settings(cluster, tmp_path_factory) -> dict:
+    """The stack's config on this cluster (as a dict: the driver builds the same Config from it)."""
+    suffix = uuid.uuid4().hex[:6]
+    return {
+        "home": str(tmp_path_factory.mktemp("multinode-home")),
+        "store": {**cluster.store_settings(),
+                  **{f"bucket_{a}": f"mn-{suffix}-{a}" for a in
+                     ("uploads", "derived", "models", "outputs", "state", "receipts")}},
+        "training": TRAINING,
+        "generation": GENERATION,
+        "ingest": {"min_photos": PHOTOS},
+        "security": {"master_key": base64.b64encode(secrets.token_bytes(32)).decode()},
+        "ray": {"address": cluster.ray_address, "namespace": f"mn-{suffix}"},
+    }
+
+
+@pytest.fixture(scope="module")
+def config(settings) -> Config:
+    return Config.from_dict(settings)
+
+
+@pytest.fixture(scope="module")
+def store(config):
+    from storage.store import ArtifactStore
+
+    artifact_store = ArtifactStore.from_config(config.store)
+    artifact_store.ensure_buckets()
+    return artifact_store
+
+
+@pytest.fixture(scope="module")
+def key_store(config, store):
+    from storage.crypto import key_store_for
+
+    return key_store_for(config, store)
+
+
+@pytest.fixture(scope="module")
+def driver(cluster, config):
+    handle = multinode.Driver(cluster, namespace=config.ray.namespace)
     yield handle
     handle.close()
+
+
+@pytest.fixture(scope="module")
+def stack(cluster, driver, settings, store):
+    """The coordinator and retention controller (created from the head host) and two GPU workers."""
+    driver.call("start_stack", settings)
+    workers = driver.call("wait_gpu_workers", 2)
+    yield workers
+    with contextlib.suppress(Exception):
+        driver.call("remove_stack", timeout_s=120)
+
+
+def _submit(config, tenant: str, count: int, images_per_style: int):
+    photos = sorted((EXAMPLES / "eileen-collins").iterdir())[:PHOTOS]
+    manifest = BatchManifest(tenant=tenant, name="Multi-node team", base_model="tiny", styles=["office"],
+                             images_per_style=images_per_style, consent=TEST_CONSENT,
+                             persons=[PersonSpec(f"p{index}", f"Person {index}", None, photos)
+                                      for index in range(count)])
+    return client.submit_batch(config, manifest, start=False)
+
+
+def _person_state_versions(store, person_ref) -> list[dict]:
+    key = keys.person_state_key(person_ref)
+    versions = [version for k, version, marker in store.list_versions("state", key) if k == key and not marker]
+    return [json.loads(store.get("state", key, version_id=version)) for version in versions]
+
+
+def _all_versions(store, prefix: str) -> set[tuple[str, str, str]]:
+    """(artifact, key, version id) of every version under ``prefix`` in the classes stages write."""
+    return {(artifact, key, version) for artifact in ("derived", "models", "outputs")
+            for key, version, marker in store.list_versions(artifact, prefix) if not marker}
+
+
+def _checkpoint_versions(store, person: PersonRef) -> list[str]:
+    key = keys.checkpoint_key(person)
+    return [version for k, version, marker in store.list_versions("models", key) if k == key and not marker]
+
+
+def _checkpoint_steps(store, key_store, person: PersonRef, versions: list[str] | None = None) -> list[int]:
+    """The training step of each checkpoint version (all of them, or ``versions``)."""
+    from pipeline.finetune import TrainCheckpoint
+
+    key = keys.checkpoint_key(person)
+    return [TrainCheckpoint.from_bytes(read_version(store, key_store, "models", key, version)).step
+            for version in (_checkpoint_versions(store, person) if versions is None else versions)]
+
+
+def _assert_every_person_exactly_once(store, batch_id: str, tenant: str, *, count: int, images: int) -> list:
+    """Done, each person once (one `done` in its state history), each headshot key one version and all
+    of them recorded in the person's state, LoRA trained to the last step."""
+    states = StateStore(store)
+    batch = states.load_batch(tenant, batch_id)
+    persons = states.load_persons(batch)
+    summary = [(p.person_id, p.state, p.error, p.attempts, p.timings_s) for p in persons]
+    print(f"persons: {summary}")
+    assert batch.state == "done", summary
+    assert [p.state for p in persons] == ["done"] * count, summary
+    for person in persons:
+        history = [version["state"] for version in _person_state_versions(store, person.ref)]
+        assert history.count("done") == 1, (person.person_id, history)
+        expected = {keys.headshot_key(person.ref, "office", h.index, h.seed) for h in person.headshots}
+        assert sorted(h.index for h in person.headshots) == list(range(images)), person.person_id
+        stored = store.list_versions("outputs", person.ref.prefix + "headshots/")
+        assert sorted(key for key, _, _ in stored) == sorted(expected), (person.person_id, stored)
+        recorded = {(o.key, o.version_id) for o in person.objects if o.artifact == "outputs"}
+        assert {(key, version) for key, version, _ in stored} <= recorded, person.person_id
+        assert person.train_steps_done == TRAINING["steps"], person.person_id
+        assert store.list_versions("models", keys.lora_key(person.ref)), person.person_id
+    return persons
+
+
+def _wait_done(store, tenant: str, batch_id: str, timeout_s: float = 600) -> None:
+    states = StateStore(store)
+    wait_for(lambda: states.load_batch(tenant, batch_id).state != "running", timeout_s,
+             "the batch to finish", poll_s=1.0)
+
+
+def _host_at(cluster, address: str):
+    return next(host for host in cluster.workers if host.address == address)
 
 
 def test_cluster_has_a_head_without_gpus_and_two_gpu_workers_on_their_own_hosts(cluster, driver):
@@ -87,7 +217,114 @@ def test_ray_refuses_a_driver_without_the_cluster_token(cluster):
                                env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent-home", **environment},
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode != 0 and "connected" not in completed.stdout, completed.stdout
+    assert "token" in completed.stderr.lower(), completed.stderr[-2000:]
 
+
+def test_the_stack_runs_its_singletons_on_the_head_and_gpu_workers_on_the_worker_hosts(cluster, driver, stack):
+    from cluster.actors import COORDINATOR_NAME, RETENTION_NAME
+
+    placed = driver.call("actor_nodes")
+    assert placed[COORDINATOR_NAME]["node_ip"] == cluster.head.address, placed
+    assert placed[RETENTION_NAME]["node_ip"] == cluster.head.address, placed
+    assert sorted(info["node_ip"] for info in stack) == sorted(host.address for host in cluster.workers)
+    assert all(info["head_lease"]["valid"] for info in stack), stack
+
+def test_a_worker_node_killed_mid_fine_tune_the_batch_finishes_on_the_other_node(cluster, driver, stack, config,
+                                                                               store, key_store, tenant):
+    submitted = _submit(config, tenant, 2, images_per_style=1)
+    driver.call("submit", submitted.tenant, submitted.batch_id)
+    victim: dict = {}
+
+    def training_with_a_checkpoint() -> bool:
+        for info in driver.call("gpu_workers"):
+            stage, _, prefix = (info.get("running") or "").partition(" ")
+            if stage != "train":
+                continue
+            person = PersonRef(*prefix.strip("/").split("/"))
+            # Listings only (cheap): a checkpoint stored, the LoRA not yet.
+            if _checkpoint_versions(store, person) and not store.list_versions("models", keys.lora_key(person)):
+                victim.update(info=info, person=person)
+                return True
+        return False
+
+    wait_for(training_with_a_checkpoint, 300, "a fine-tune with a checkpoint stored", poll_s=0.1)
+    host = _host_at(cluster, victim["info"]["node_ip"])
+    versions_before = _checkpoint_versions(store, victim["person"])
+    killed = multinode.kill(cluster, host.name)
+    assert victim["info"]["pid"] in killed
+
+    _wait_done(store, submitted.tenant, submitted.batch_id)
+    # Finished by the other node alone: nothing of the killed one came back meanwhile.
+    assert not multinode.host_processes(cluster, host.name)
+    _assert_every_person_exactly_once(store, submitted.batch_id, submitted.tenant, count=2, images=1)
+    # Resumed from its last checkpoint: every checkpoint step was written once (a fine-tune started
+    # again from scratch, or from an older checkpoint, would have written some step twice).
+    steps = _checkpoint_steps(store, key_store, victim["person"])
+    steps_before = _checkpoint_steps(store, key_store, victim["person"], versions_before)
+    print(f"killed {host.name} at checkpoint steps {sorted(steps_before)}; all checkpoints: {sorted(steps)}")
+    assert len(steps) == len(set(steps)), sorted(steps)
+    assert set(steps_before) < set(steps)
+    assert max(steps) > max(steps_before)
+
+    # The node comes back (a new raylet): the worker Ray could not place meanwhile starts there again.
+    multinode.restart_node(cluster, host.name)
+    workers = driver.call("wait_gpu_workers", 2)
+    assert sorted(info["node_ip"] for info in workers) == sorted(h.address for h in cluster.workers)
+
+
+# Images per person in the partition test. A worker generates all of a person's images, then stores
+# them: the node is cut off while it generates, so its first write comes after the cut.
+GENERATED = 3
+
+
+def test_a_worker_node_cut_off_mid_generation_finishes_elsewhere_and_writes_nothing_when_it_returns(
+        cluster, driver, stack, config, store, tenant):
+    """The node is cut off from the head and the other worker but still reaches S3 (the hard case for
+    fencing): its worker goes on generating until its lease lapses, then waits; Ray declares the node
+    dead and the other node generates the rest, adopting what the cut-off one stored. Healed, the node
+    hears it was declared dead: its raylet exits and takes the stale worker with it, writing nothing."""
+    submitted = _submit(config, tenant, 2, images_per_style=GENERATED)
+    driver.call("submit", submitted.tenant, submitted.batch_id)
+    victim: dict = {}
+
+    def generating() -> bool:
+        for info in driver.call("gpu_workers"):
+            stage, _, prefix = (info.get("running") or "").partition(" ")
+            if stage == "generate":
+                victim.update(info=info, person=PersonRef(*prefix.strip("/").split("/")))
+                return True
+        return False
+
+    wait_for(generating, 300, "a generation", poll_s=0.1)
+    host = _host_at(cluster, victim["info"]["node_ip"])
+    multinode.partition(cluster, host.name, mode="ray")
+    cut_at = time.time()
+    stored_at_cut = len(store.list_versions("outputs", victim["person"].prefix + "headshots/"))
+    multinode.wait_for_nodes(cluster, {host.address}, alive=False)
+    declared_dead_after_s = time.time() - cut_at
+    _wait_done(store, submitted.tenant, submitted.batch_id)
+    batch_prefix = f"{submitted.tenant}/{submitted.batch_id}/"
+    before_heal = _all_versions(store, batch_prefix)
+    # The stale worker is still alive, cut off: it paused once its lease lapsed.
+    assert victim["info"]["pid"] in multinode.host_processes(cluster, host.name)
+
+    multinode.heal(cluster, host.name)
+    wait_for(lambda: victim["info"]["pid"] not in multinode.host_processes(cluster, host.name), 120,
+             "the stale worker to exit once its node hears it was declared dead")
+    assert _all_versions(store, batch_prefix) == before_heal, "the node wrote something when it came back"
+
+    persons = _assert_every_person_exactly_once(store, submitted.batch_id, submitted.tenant, count=2,
+                                                images=GENERATED)
+    for person in persons:
+        # Every version of the stages' classes is in the person's state: what the cut-off worker
+        # stored before its lease lapsed was adopted by the run that finished the person.
+        recorded = {(o.artifact, o.key, o.version_id) for o in person.objects}
+        assert _all_versions(store, person.ref.prefix) <= recorded, person.person_id
+    worker_logs = "".join(path.read_text(errors="replace") for path in
+                          Path(host.temp_dir).glob("session_*/logs/worker-*.err"))
+    print(f"cut off {host.name} generating {victim['person'].person_id} ({stored_at_cut} of {GENERATED} stored); "
+          f"declared dead after {declared_dead_after_s:.1f} s; the cut-off worker's lease lapsed: "
+          f"{'head lease lapsed' in worker_logs}")
 
 def test_down_stops_every_process_and_removes_namespaces_and_links(cluster):
     """Last in this module: the cluster goes away completely (the fixture's own down is then a no-op)."""
