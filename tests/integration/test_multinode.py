@@ -277,12 +277,15 @@ def test_a_worker_node_killed_mid_fine_tune_the_batch_finishes_on_the_other_node
 GENERATED = 3
 
 
+# link: the node's veth down (it reaches nothing); ray: blackholed to the head and the other worker but
+# still reaching S3, the hard case for fencing.
+@pytest.mark.parametrize("mode", ["link", "ray"])
 def test_a_worker_node_cut_off_mid_generation_finishes_elsewhere_and_writes_nothing_when_it_returns(
-        cluster, driver, stack, config, store, tenant):
-    """The node is cut off from the head and the other worker but still reaches S3 (the hard case for
-    fencing): its worker goes on generating until its lease lapses, then waits; Ray declares the node
-    dead and the other node generates the rest, adopting what the cut-off one stored. Healed, the node
-    hears it was declared dead: its raylet exits and takes the stale worker with it, writing nothing."""
+        mode, cluster, driver, stack, config, store, tenant):
+    """The cut-off node's worker goes on generating; at its first write its lease has lapsed and it
+    waits. Ray declares the node dead and the other node generates the person's images (adopting any
+    the cut-off one stored in time). Healed, the node hears it was declared dead: its raylet exits and
+    takes the stale worker with it, writing nothing. Then it is started again and takes work."""
     submitted = _submit(config, tenant, 2, images_per_style=GENERATED)
     driver.call("submit", submitted.tenant, submitted.batch_id)
     victim: dict = {}
@@ -297,7 +300,7 @@ def test_a_worker_node_cut_off_mid_generation_finishes_elsewhere_and_writes_noth
 
     wait_for(generating, 300, "a generation", poll_s=0.1)
     host = _host_at(cluster, victim["info"]["node_ip"])
-    multinode.partition(cluster, host.name, mode="ray")
+    multinode.partition(cluster, host.name, mode=mode)
     cut_at = time.time()
     stored_at_cut = len(store.list_versions("outputs", victim["person"].prefix + "headshots/"))
     multinode.wait_for_nodes(cluster, {host.address}, alive=False)
@@ -322,9 +325,12 @@ def test_a_worker_node_cut_off_mid_generation_finishes_elsewhere_and_writes_noth
         assert _all_versions(store, person.ref.prefix) <= recorded, person.person_id
     worker_logs = "".join(path.read_text(errors="replace") for path in
                           Path(host.temp_dir).glob("session_*/logs/worker-*.err"))
-    print(f"cut off {host.name} generating {victim['person'].person_id} ({stored_at_cut} of {GENERATED} stored); "
+    print(f"cut off {host.name} ({mode}) generating {victim['person'].person_id} ({stored_at_cut} of {GENERATED} stored); "
           f"declared dead after {declared_dead_after_s:.1f} s; the cut-off worker's lease lapsed: "
           f"{'head lease lapsed' in worker_logs}")
+    multinode.restart_node(cluster, host.name)
+    workers = driver.call("wait_gpu_workers", 2)
+    assert sorted(info["node_ip"] for info in workers) == sorted(h.address for h in cluster.workers)
 
 def test_down_stops_every_process_and_removes_namespaces_and_links(cluster):
     """Last in this module: the cluster goes away completely (the fixture's own down is then a no-op)."""
