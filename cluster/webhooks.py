@@ -29,6 +29,7 @@ connection (DNS rebinding) cannot send it elsewhere.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import heapq
 import hmac
@@ -69,6 +70,10 @@ DELIVERY_THREADS = 8
 # How long a tenant's secret and a batch's subscriptions are reused before being read again.
 CACHE_TTL_S = 60.0
 MAX_CACHED_BATCHES = 1000
+# Deliveries this process has delivered, remembered so that the same event emitted again (e.g. a person
+# the coordinator moved to needs_photos, and then read again by the submit's own announcement) is not
+# posted twice. Bounded: an event older than this many deliveries is posted again (receivers dedupe by id).
+REMEMBERED_DELIVERIES = 10_000
 # Bytes of a receiver's answer that are read (and thrown away): only the status matters.
 MAX_RESPONSE_BYTES = 64 * 1024
 USER_AGENT = "headshots-webhooks/1"
@@ -521,6 +526,7 @@ class WebhookDispatcher:
         self._sequence = itertools.count()
         # Deliveries known and not finished (queued, waiting for a retry, or being sent).
         self._active: set[str] = set()
+        self._delivered: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._events_waiting = 0
         self._stopping = threading.Event()
         self._scheduler: threading.Thread | None = None
@@ -650,8 +656,8 @@ class WebhookDispatcher:
                 continue
             delivery = Delivery(delivery_id=f"{event.id}-{index}", event=event, url=webhook["url"])
             with self._cond:
-                if delivery.delivery_id in self._active:
-                    continue  # the same event again while its delivery is under way
+                if delivery.delivery_id in self._active or delivery.delivery_id in self._delivered:
+                    continue  # the same event again, while its delivery is under way or once it is delivered
                 self._active.add(delivery.delivery_id)
             try:
                 self.store.put_json("state", keys.webhook_pending_key(self.source, delivery.delivery_id),
@@ -730,7 +736,7 @@ class WebhookDispatcher:
         delivery.attempts += 1
         if error is None:
             self._count(event.type, "delivered")
-            self._finish(delivery)
+            self._finish(delivery, delivered=True)
             return
         delivery.last_error = error
         too_old = time.time() - delivery.created_at >= self.config.max_age_s
@@ -758,9 +764,13 @@ class WebhookDispatcher:
         delay = min(self.config.first_retry_delay_s * 2.0 ** (attempts - 1), self.config.max_retry_delay_s)
         return delay * random.uniform(0.5, 1.0)
 
-    def _finish(self, delivery: Delivery) -> None:
+    def _finish(self, delivery: Delivery, *, delivered: bool = False) -> None:
         self._remove_record_key(keys.webhook_pending_key(self.source, delivery.delivery_id))
         with self._cond:
+            if delivered:
+                self._delivered[delivery.delivery_id] = None
+                while len(self._delivered) > REMEMBERED_DELIVERIES:
+                    self._delivered.popitem(last=False)
             self._active.discard(delivery.delivery_id)
             self._cond.notify_all()
 

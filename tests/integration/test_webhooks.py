@@ -184,6 +184,27 @@ def test_a_failing_receiver_gets_retries_with_the_same_delivery_id_until_it_acce
     assert value("webhook_deliveries_total", {"event": "batch.completed", "outcome": "failed"}) == 0
 
 
+def test_an_event_emitted_again_after_it_was_delivered_is_not_posted_again(store, tenant, receivers, dispatchers):
+    # The coordinator can announce one person twice with the same event id (its own transition, and the
+    # submit's read of persons left in needs_photos): the second emit finds it delivered and sends nothing.
+    receiver = receivers()
+    dispatcher = dispatchers()
+    webhooks = [{"url": receiver.url, "events": ["person.needs_photos"]}]
+    event = new_event("person.needs_photos", tenant=tenant, batch_id="b1", person_id="ada", state="needs_photos",
+                      facts=["t1"])
+    dispatcher.emit(event, webhooks)
+    assert dispatcher.wait_idle(10)
+    dispatcher.emit(new_event("person.needs_photos", tenant=tenant, batch_id="b1", person_id="ada",
+                              state="needs_photos", facts=["t1"]), webhooks)
+    other = new_event("person.needs_photos", tenant=tenant, batch_id="b1", person_id="grace", state="needs_photos",
+                      facts=["t1"])
+    dispatcher.emit(other, webhooks)
+    assert dispatcher.wait_idle(10)
+    assert [r["headers"]["X-Headshots-Delivery"] for r in receiver.requests] == [event.id, other.id]
+    value = dispatcher.registry.get_sample_value
+    assert value("webhook_deliveries_total", {"event": "person.needs_photos", "outcome": "delivered"}) == 2
+
+
 def test_a_delivery_is_given_up_after_max_attempts(store, tenant, receivers, dispatchers):
     receiver = receivers(default=503)
     dispatcher = dispatchers(dataclasses.replace(FAST, max_attempts=3))
