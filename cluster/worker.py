@@ -47,6 +47,18 @@ logger = logging.getLogger(__name__)
 
 Reporter = Callable[[PersonJob, list[StoredObject]], None]
 REVOKED_MAX = 100_000
+# Set by whoever starts a node (the chart: the GPU pod's cache volume; tests/integration/multinode.py: a
+# folder per host) to the node's own local disk. Read by the worker process: the config a worker gets is
+# the coordinator's, the same for every node, so it cannot say where one node's disk is.
+NODE_CACHE_ENV = "HEADSHOTS_NODE_CACHE_DIR"
+
+
+def node_cache_dir(config, environ=None) -> Path:
+    """This node's cache folder (base models copied from ``s3://``): ``$HEADSHOTS_NODE_CACHE_DIR``
+    where the node sets it, else ``workers.cache_dir``, else ``<home>/model-cache``."""
+    environ = os.environ if environ is None else environ
+    chosen = environ.get(NODE_CACHE_ENV) or config.workers.cache_dir or str(Path(config.home_path) / "model-cache")
+    return Path(chosen)
 
 
 class StaleJob(RuntimeError):
@@ -118,7 +130,7 @@ class GpuWorker:
         self._pipe = None
         self.pipeline_loads = 0
         self.busy_s = 0.0
-        self._cache_dir = Path(config.workers.cache_dir or Path(config.home_path) / "model-cache")
+        self._cache_dir = node_cache_dir(config)
         # Person prefixes being deleted: any step or write for them is refused from now on. Bounded,
         # because ids are never reused (batch ids are unique), so old entries only cost memory.
         self._revoked: dict[str, float] = {}

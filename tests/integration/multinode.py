@@ -425,7 +425,10 @@ def start_ray_host(cluster: Cluster, name: str) -> None:
         command = [_ray_binary(), "start", f"--address={cluster.ray_address}", "--num-gpus=1", "--num-cpus=0",
                    *common]
     log_path = Path(cluster.root) / f"ray-start-{name}.log"
-    process = _spawn(host.netns, command, dict(os.environ, **cluster.ray_environment()), log_path)
+    # The host's own disk for node caches (base models): kept across restart_node, gone with the root.
+    node_cache = Path(cluster.root) / "node-cache" / name
+    environment = dict(os.environ, **cluster.ray_environment(), HEADSHOTS_NODE_CACHE_DIR=str(node_cache))
+    process = _spawn(host.netns, command, environment, log_path)
     try:
         code = process.wait(timeout=READY_TIMEOUT_S)
     except subprocess.TimeoutExpired:
