@@ -297,6 +297,31 @@ def test_head_runs_no_gpu_work_the_gpu_workers_each_get_one_gpu_and_cpu_workers_
     assert "nvidia.com/gpu" not in json.dumps(cpu["template"]["spec"]["containers"])
 
 
+def test_health_check_settings_reach_every_ray_container_alike_and_the_node_cache_is_on_the_pod(chart):
+    # GPU workers size their leases from these: a head with shorter checks than its workers would
+    # declare a cut-off node dead before that node's workers stop writing.
+    values = with_values({"ray": {"healthCheck": {"periodMs": 1000, "timeoutMs": "2000", "failureThreshold": 4}}})
+    expected = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
+                "RAY_health_check_failure_threshold": "4"}
+    ray_containers = 0
+    for where, template in pod_templates(manifests(render(chart, values))):
+        if not where.startswith("ray "):
+            continue
+        for container in template["spec"]["containers"]:
+            env = {item["name"]: item.get("value") for item in container.get("env") or []}
+            assert {name: env.get(name) for name in expected} == expected, f"{where}/{container['name']}"
+            assert env["HEADSHOTS_NODE_CACHE_DIR"] == "/tmp/node-cache", f"{where}/{container['name']}"
+            ray_containers += 1
+    assert ray_containers >= 3  # head (ray-head, controllers), GPU and CPU workers
+    # Left empty (the default): Ray's own defaults, no variable rendered.
+    for where, template in pod_templates(manifests(render(chart, ci_values()))):
+        for container in template["spec"]["containers"]:
+            names = {item["name"] for item in container.get("env") or []}
+            assert not names & set(expected), f"{where}/{container['name']}"
+    with pytest.raises(Exception, match="failureThreshold|healthCheck"):
+        render(chart, with_values({"ray": {"healthCheck": {"failureThreshold": "soon"}}}))
+
+
 def test_autoscaling_is_on_and_the_head_stays_off_spot_nodes(chart):
     documents = manifests(render(chart, with_values({"head": {"affinity": {
         "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}}})))

@@ -225,6 +225,26 @@ never inlined.
 # The app's working folder (stack record, model cache): on the writable /tmp emptyDir.
 - name: HEADSHOTS_HOME
   value: /tmp/headshots
+# The node's cache (base models copied from s3://, read by the GPU workers): on the pod's /tmp emptyDir,
+# so it survives a container restart and is gone with the pod.
+- name: HEADSHOTS_NODE_CACHE_DIR
+  value: /tmp/node-cache
+{{- with .Values.ray.healthCheck }}
+{{- if ne (toString .periodMs) "" }}
+# Ray's node health checks (values.yaml ray.healthCheck): the same in every Ray container, since GPU
+# workers size their leases from them.
+- name: RAY_health_check_period_ms
+  value: {{ .periodMs | quote }}
+{{- end }}
+{{- if ne (toString .timeoutMs) "" }}
+- name: RAY_health_check_timeout_ms
+  value: {{ .timeoutMs | quote }}
+{{- end }}
+{{- if ne (toString .failureThreshold) "" }}
+- name: RAY_health_check_failure_threshold
+  value: {{ .failureThreshold | quote }}
+{{- end }}
+{{- end }}
 # torch, Hugging Face and other libraries cache under $XDG_CACHE_HOME: keep it off the read-only root.
 - name: XDG_CACHE_HOME
   value: /tmp/cache
