@@ -132,6 +132,17 @@ def upload_person(store: ArtifactStore, config, *, tenant: str, batch_id: str, s
     return person
 
 
+def batch_state_from_manifest(manifest: BatchManifest, batch_id: str, persons: list[PersonState], *,
+                              state: str) -> BatchState:
+    """The batch document for ``manifest``: the one place that maps a manifest's fields onto it, for
+    the CLI's submit and the HTTP API's create alike (a field mapped in only one of them was lost in the
+    other: batches created over the API used to drop their webhooks)."""
+    return BatchState(tenant=manifest.tenant, batch_id=batch_id, name=manifest.name, base_model=manifest.base_model,
+                      styles=list(manifest.styles), images_per_style=manifest.images_per_style,
+                      person_ids=[person.person_id for person in persons], priority=manifest.priority,
+                      webhooks=list(manifest.webhooks), state=state)
+
+
 def submit_batch(config, manifest: BatchManifest, *, start: bool = True) -> SubmitResult:
     """Store the batch's photos and state, then hand the batch to the coordinator.
 
@@ -153,10 +164,7 @@ def submit_batch(config, manifest: BatchManifest, *, start: bool = True) -> Subm
         persons = list(pool.map(upload, manifest.persons))
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         list(pool.map(states.save_person, persons))
-    batch = BatchState(tenant=manifest.tenant, batch_id=batch_id, name=manifest.name,
-                       base_model=manifest.base_model, styles=list(manifest.styles),
-                       images_per_style=manifest.images_per_style, person_ids=[p.person_id for p in persons],
-                       priority=manifest.priority, webhooks=manifest.webhooks)
+    batch = batch_state_from_manifest(manifest, batch_id, persons, state="running")
     states.save_batch(batch)
     if start:
         start_batch(config, manifest.tenant, batch_id)
@@ -218,10 +226,7 @@ def create_batch(config, manifest: BatchManifest, *, batch_id: str | None = None
         persons.append(person)
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         list(pool.map(states.save_person, persons))
-    batch = BatchState(tenant=manifest.tenant, batch_id=batch_id, name=manifest.name,
-                       base_model=manifest.base_model, styles=list(manifest.styles),
-                       images_per_style=manifest.images_per_style, person_ids=[p.person_id for p in persons],
-                       priority=manifest.priority, state="created")
+    batch = batch_state_from_manifest(manifest, batch_id, persons, state="created")
     states.create_batch(batch)
     return SubmitResult(tenant=manifest.tenant, batch_id=batch_id, persons=[_person_result(p) for p in persons])
 

@@ -61,10 +61,13 @@ class ApiServer:
 
 @pytest.fixture(scope="module")
 def api_config(base_config):
-    from headshots.config import ApiConfig
+    from headshots.config import ApiConfig, WebhooksConfig
 
+    # Webhook receivers in these tests listen on 127.0.0.1, which deliveries refuse unless allowed.
     return base_config.replace(api=ApiConfig(auth_cache_s=0, max_request_bytes=TEST_MAX_REQUEST_BYTES,
-                                             max_photo_bytes=TEST_MAX_PHOTO_BYTES))
+                                             max_photo_bytes=TEST_MAX_PHOTO_BYTES),
+                               webhooks=WebhooksConfig(allow_private_addresses=True, first_retry_delay_s=0.05,
+                                                       max_retry_delay_s=0.5))
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from storage.deletion import count_versions
 from tests.integration.api_fixtures import (ADA, EXAMPLES, GRACE, api_client, api_config,  # noqa: F401
                                             api_server, batch_body, new_tenant, photo_bytes)
 from tests.integration.ray_actors import remove_named_actors, wait_for
+from tests.integration.webhook_receiver import Receiver
 
 STUDIO_CLIENT = Path(__file__).resolve().parent / "scripts" / "studio_client.py"
 
@@ -70,6 +71,36 @@ def test_a_studio_submits_polls_and_downloads_from_another_process(stack_actors,
     for artifact in ("uploads", "derived", "models"):
         assert count_versions(store, artifact, ref.prefix) == 0, artifact
     assert count_versions(store, "outputs", ref.prefix) > 0
+
+
+def test_a_batch_created_over_http_with_webhooks_announces_its_completion_signed(stack_actors, api_server, store):
+    from cluster.webhooks import verify_signature
+    from headshots import tenants
+
+    tenant, api_key = new_tenant(store)
+    receiver = Receiver()
+    try:
+        with api_client(api_server, api_key) as http:
+            body = {**batch_body("Grace Hopper"), "webhooks": [{"url": receiver.url, "events": ["batch.completed"]}]}
+            created = http.post("/v1/batches", json=body)
+            assert created.status_code == 201, created.text
+            batch_id = created.json()["batch_id"]
+            uploaded = http.post(f"/v1/batches/{batch_id}/persons/{GRACE}/photos",
+                                 files=[("photos", (name, data, "image/jpeg")) for name, data in photo_bytes(count=4)])
+            assert uploaded.status_code == 201, uploaded.text
+            assert http.post(f"/v1/batches/{batch_id}/start").status_code == 200
+            request = receiver.wait_for(1, timeout_s=300)[0]
+        event = json.loads(request["body"])
+        assert event["type"] == "batch.completed"
+        assert event["data"] == {"tenant": tenant, "batch_id": batch_id, "state": "done",
+                                 "persons_by_state": {"done": 1}}
+        secret = tenants.load_tenant(store, tenant).webhook_secret
+        headers = request["headers"]
+        assert verify_signature(secret, headers["X-Headshots-Timestamp"], request["body"],
+                                headers["X-Headshots-Signature"])
+        assert headers["X-Headshots-Event"] == "batch.completed"
+    finally:
+        receiver.close()
 
 
 def test_a_person_waiting_for_photos_is_retried_then_gets_more_headshots(stack_actors, api_server, store):
