@@ -11,7 +11,7 @@ replaced by sleeping: fencing, revocation, the epoch check and the one-stage-at-
 (``_forgets_person_key``) are the real code.
 
 What is simulated:
-- GPU stages sleep for the GPU baseline in TOOLCHAIN.md divided by ``--scale``: fine-tune 100 s,
+- GPU stages sleep for the GPU baseline in docs/measured-facts.md divided by ``--scale``: fine-tune 100 s,
   40 images 26 s, a base-model switch 5 s (assumed, as in ``bench/scheduler_sim.py``). No object is
   written by a stage; the generate stage returns 40 headshot records, so state documents have their
   real size.
@@ -94,7 +94,7 @@ from storage.seaweed import start_embedded_s3
 from storage.state import BatchState, PersonState, PhotoRecord, StateStore
 from storage.store import ArtifactStore
 
-TRAIN_S = 100.0  # GPU baseline (TOOLCHAIN.md): an 800-step LoRA fine-tune
+TRAIN_S = 100.0  # GPU baseline (docs/measured-facts.md): an 800-step LoRA fine-tune
 GENERATE_S = 26.0  # 40 images
 LOAD_S = 5.0  # a base-model switch: assumed, as in bench/scheduler_sim.py
 STYLES = ("corporate-grey", "office")

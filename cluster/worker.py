@@ -1,7 +1,7 @@
 """The GPU worker: one per GPU, a base model resident, per-person LoRAs swapped in and out.
 
 Lifecycle: the actor keeps the base pipeline of the last base model it served (loading a pipeline
-costs ~6× a LoRA swap on an H200, see TOOLCHAIN.md). Every person-specific thing it touches — crops,
+costs ~6× a LoRA swap on an H200, see docs/measured-facts.md). Every person-specific thing it touches — crops,
 training cache, LoRA — lives in memory only for the duration of one call.
 
 With crypto-erasure on, the worker holds a :class:`storage.crypto.PersonKeyStore` (``self.key_store``);

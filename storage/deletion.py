@@ -1,6 +1,6 @@
 """Deleting for real in versioned buckets: every version, every delete marker, then proof.
 
-Traps this module exists to avoid (measured, see TOOLCHAIN.md): a DeleteObjects call without
+Traps this module exists to avoid (measured, see docs/measured-facts.md): a DeleteObjects call without
 version ids only adds delete markers and keeps all data; deleting while paging ListObjectVersions
 skips versions. So: list everything under the prefix first, delete by (key, version id) in batches of
 at most 1,000, then list again until nothing is left.

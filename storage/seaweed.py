@@ -1,8 +1,8 @@
 """The embedded S3 server for one machine: SeaweedFS ``weed mini`` on loopback.
 
 Production uses MinIO (see helm/); this server exists so that a laptop, CI and the test suite run
-against a real S3 implementation rather than a mock. Flags and traps are documented in
-TOOLCHAIN.md: every HTTP port P also opens P+10000 for gRPC, so ports are chosen in pairs.
+against a real S3 implementation rather than a mock. Flags and traps are in
+docs/measured-facts.md: every HTTP port P also opens P+10000 for gRPC, so ports are chosen in pairs.
 
 A server can be restarted on exactly the same ports and data (``EmbeddedS3.restart``, or
 ``restart_after`` for an outage of a given length in the background): clients keep their endpoint and
