@@ -2,7 +2,14 @@
 
 Lifecycle: the actor keeps the base pipeline of the last base model it served (loading a pipeline
 costs ~6× a LoRA swap on an H200, see docs/measured-facts.md). Every person-specific thing it touches — crops,
-training cache, LoRA — lives in memory only for the duration of one call.
+training cache, LoRA — lives in memory only for the duration of one call; the one file (the LoRA on its
+way to bytes) is written under the node cache's ``persons/`` folder, in a folder of this process's own.
+
+At start a worker wipes everything under its node's ``persons/`` folder that no live worker process
+holds (:func:`wipe_unowned_person_files`): nothing there is needed across a restart, and a node that was
+down or cut off while a person was deleted must not keep their files when it comes back. Base models
+(the rest of the node cache) are kept.
+
 
 With crypto-erasure on, the worker holds a :class:`storage.crypto.PersonKeyStore` (``self.key_store``);
 a person's data key is cached only while a stage for them runs, and dropped when it returns or fails.
@@ -22,12 +29,14 @@ is stored, and the other run adopts it.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import io
 import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import threading
 import time
@@ -59,6 +68,100 @@ def node_cache_dir(config, environ=None) -> Path:
     environ = os.environ if environ is None else environ
     chosen = environ.get(NODE_CACHE_ENV) or config.workers.cache_dir or str(Path(config.home_path) / "model-cache")
     return Path(chosen)
+
+
+# Under the node cache: every file a worker writes for a person, and nothing else. Each worker process
+# keeps its files in a folder of its own there (``_worker-<pid>-<token>``, not a valid id, so it never
+# collides with a tenant's folder), locked (flock) for as long as the process lives.
+PERSONS_FOLDER = "persons"
+OWNER_LOCK = ".owner.lock"
+OWNED_PREFIX = "_worker-"
+STARTING_PREFIX = "_starting-"
+
+
+def _owner_lock(folder: Path) -> tuple[bool, int | None]:
+    """(held by a live worker process, the lock's descriptor if this call took it). A folder without a
+    lock file (an old layout, or files put there by other means) is nobody's."""
+    try:
+        descriptor = os.open(folder / OWNER_LOCK, os.O_RDWR)
+    except (FileNotFoundError, NotADirectoryError):
+        return False, None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        return True, None
+    return False, descriptor
+
+
+def _count_files(path: Path) -> int:
+    if path.is_file() or path.is_symlink():
+        return 1
+    return sum(1 for found in path.rglob("*") if found.is_file() and found.name != OWNER_LOCK)
+
+
+def wipe_unowned_person_files(persons_dir: Path, *, keep: Path | None = None) -> dict:
+    """Remove everything under ``persons_dir`` that no live worker process holds: the files of a
+    worker that died (killed, its node lost) or of an older layout. Folders locked by a running worker
+    (another slot on this node, mid-stage) are left alone.
+
+    Returns:
+        ``{"folders_removed", "files_removed", "kept_in_use"}``: counts only (folder names hold ids).
+    """
+    removed_folders = removed_files = kept = 0
+    if not persons_dir.is_dir():
+        return {"folders_removed": 0, "files_removed": 0, "kept_in_use": 0}
+    for entry in list(persons_dir.iterdir()):
+        if keep is not None and entry == keep:
+            continue
+        folder = entry.is_dir() and not entry.is_symlink()
+        in_use, descriptor = _owner_lock(entry) if folder else (False, None)
+        if in_use:
+            kept += 1
+            continue
+        try:
+            # Removed while holding the lock: a worker creating this folder right now waits, then finds
+            # it gone and makes another (claim_person_folder).
+            removed_files += _count_files(entry)
+            if folder:
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed_folders += 1
+        finally:
+            if descriptor is not None:
+                os.close(descriptor)
+    return {"folders_removed": removed_folders, "files_removed": removed_files, "kept_in_use": kept}
+
+
+def claim_person_folder(persons_dir: Path) -> tuple[Path, int]:
+    """A folder of this process's own under ``persons_dir``, locked until the process exits (the lock
+    goes with the process, however it ends). Made under a temporary name and renamed once locked, so
+    another worker's start-up wipe never takes it for an abandoned one.
+
+    Returns:
+        (the folder, the lock's descriptor: keep it open).
+    """
+    persons_dir.mkdir(parents=True, exist_ok=True)
+    for _ in range(10):
+        token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        starting = persons_dir / f"{STARTING_PREFIX}{token}"
+        try:
+            starting.mkdir()
+            descriptor = os.open(starting / OWNER_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        except FileNotFoundError:
+            continue  # another worker's wipe removed it before the lock was taken: make another
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        owned = persons_dir / f"{OWNED_PREFIX}{token}"
+        try:
+            starting.rename(owned)
+        except FileNotFoundError:
+            os.close(descriptor)
+            continue
+        return owned, descriptor
+    raise RuntimeError(f"could not make a folder of this worker's own under {persons_dir}: other workers "
+                       "starting on this node kept removing it; check that the node cache is not shared "
+                       "between nodes (HEADSHOTS_NODE_CACHE_DIR or workers.cache_dir)")
 
 
 class StaleJob(RuntimeError):
@@ -96,6 +199,7 @@ def _forgets_person_key(stage):
                 self.running = None
                 if self.key_store is not None:
                     self.key_store.forget(job.ref)
+                shutil.rmtree(self._person_scratch(job.ref, create=False), ignore_errors=True)
 
     return run
 
@@ -131,6 +235,18 @@ class GpuWorker:
         self.pipeline_loads = 0
         self.busy_s = 0.0
         self._cache_dir = node_cache_dir(config)
+        # Person files: this process's own folder first, then whatever no live worker holds is wiped
+        # (a worker that died, a node that was down or cut off while a person was deleted).
+        self._persons_dir = self._cache_dir / PERSONS_FOLDER
+        self._scratch_dir, self._scratch_lock = claim_person_folder(self._persons_dir)
+        self.start_wipe = {**wipe_unowned_person_files(self._persons_dir, keep=self._scratch_dir),
+                           "persons_dir": str(self._persons_dir), "at": time.time()}
+        if self.start_wipe["folders_removed"]:
+            logger.warning("worker %s wiped %d person folders (%d files) no live worker held from %s at start",
+                           worker_id, self.start_wipe["folders_removed"], self.start_wipe["files_removed"],
+                           self._persons_dir)
+        else:
+            logger.info("worker %s found no person files left from before under %s", worker_id, self._persons_dir)
         # Person prefixes being deleted: any step or write for them is refused from now on. Bounded,
         # because ids are never reused (batch ids are unique), so old entries only cost memory.
         self._revoked: dict[str, float] = {}
@@ -146,6 +262,14 @@ class GpuWorker:
 
     def is_revoked(self, person: keys.PersonRef) -> bool:
         return person.prefix in self._revoked or any(person.prefix.startswith(p) for p in self._revoked)
+
+    def _person_scratch(self, person: keys.PersonRef, *, create: bool = True) -> Path:
+        """This process's folder for a person's files (removed when the stage ends, by purge, and by
+        the next worker's start-up wipe if this process dies first)."""
+        folder = self._scratch_dir / person.prefix.strip("/")
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     # --- fencing -----------------------------------------------------------------------------------
 
@@ -229,13 +353,16 @@ class GpuWorker:
         if self.key_store is not None:
             keys_forgotten = sum(self.key_store.forget(prefix) for prefix in prefixes)
         files_removed = 0
-        persons_dir = self._cache_dir / "persons"
-        for prefix in prefixes:
-            folder = persons_dir / prefix.strip("/")
+        # Every worker's folder on this node (and the bare layout), not only this process's own: a
+        # worker that died left its folder here, and its successor may not have started yet.
+        roots = [self._persons_dir] + sorted(self._persons_dir.glob(f"{OWNED_PREFIX}*")) \
+            + sorted(self._persons_dir.glob(f"{STARTING_PREFIX}*"))
+        folders = [root / prefix.strip("/") for root in roots for prefix in prefixes]
+        for folder in folders:
             if folder.exists():
-                files_removed += sum(1 for path in folder.rglob("*") if path.is_file())
+                files_removed += _count_files(folder)
                 shutil.rmtree(folder, ignore_errors=True)
-        remaining = [prefix for prefix in prefixes if (persons_dir / prefix.strip("/")).exists()]
+        remaining = sorted({prefix for prefix in prefixes for root in roots if (root / prefix.strip("/")).exists()})
         return {"worker_id": self.worker_id, "persons": list(prefixes), "purged": not remaining,
                 "keys_forgotten": keys_forgotten, "local_files_removed": files_removed,
                 "in_memory": "released: stages hold person data only within a call, and revoked calls stop",
@@ -245,7 +372,8 @@ class GpuWorker:
         return {"worker_id": self.worker_id, "device": self.device, "dtype": str(self.dtype),
                 "training_steps": self.config.training.steps, "pid": self.pid, "started_at": self.started_at,
                 "epoch": self._epoch, "base_model": self._base_model, "pipeline_loads": self.pipeline_loads,
-                "busy_s": self.busy_s, "running": self.running, **self._lease_figures(), **_gpu_figures(self.device)}
+                "busy_s": self.busy_s, "running": self.running, "start_wipe": self.start_wipe,
+                **self._lease_figures(), **_gpu_figures(self.device)}
 
     def _lease_figures(self) -> dict:
         if self.lease is None:
@@ -335,7 +463,8 @@ class GpuWorker:
 
         trained = finetune.train_lora(pipe, cache, train_config, resume=resume, on_checkpoint=save_checkpoint,
                                       should_stop=lambda: self._must_stop(job)
-                                      or (should_stop is not None and should_stop()))
+                                      or (should_stop is not None and should_stop()),
+                                      scratch_dir=self._person_scratch(job.ref))
         stored_lora = self._confirmed(job, scope.put("models", keys.lora_key(job.ref), trained.lora_bytes))
         result.objects.append(stored_lora)
         self.report_objects(job, [stored_lora])

@@ -485,12 +485,16 @@ def _autocast_dtype(unet: torch.nn.Module, device: torch.device) -> torch.dtype 
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _lora_file_bytes(pipe: DiffusionPipeline, lora_config: LoraConfig) -> bytes:
-    """Write the trained adapter with diffusers' own writer, so the file is the standard format."""
+def _lora_file_bytes(pipe: DiffusionPipeline, lora_config: LoraConfig, scratch_dir: str | Path | None = None) -> bytes:
+    """Write the trained adapter with diffusers' own writer, so the file is the standard format.
+
+    The file is the person's LoRA: it goes to ``scratch_dir`` (the caller's own folder for the
+    person, which it wipes) rather than the system's temp folder, where a process killed mid-write
+    would leave it for good."""
     state = get_peft_model_state_dict(eager_unet(pipe), adapter_name=TRAIN_ADAPTER_NAME)
     state = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in state.items()}
     metadata = lora_config.to_dict()
-    with TemporaryDirectory(prefix="headshots-lora-") as tmp:
+    with TemporaryDirectory(prefix="headshots-lora-", dir=scratch_dir) as tmp:
         type(pipe).save_lora_weights(
             tmp,
             unet_lora_layers=state,
@@ -510,6 +514,7 @@ def train_lora(
     on_checkpoint: Callable[[TrainCheckpoint], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    scratch_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on the cached photos, leaving the resident pipe exactly as it was.
 
@@ -540,6 +545,8 @@ def train_lora(
             steps (not at step 0). Runs synchronously: it should store the bytes and return.
         on_step: Called as ``on_step(steps_done, loss)`` after every step.
         should_stop: Polled before every step; when it returns True, training stops.
+        scratch_dir: Where the LoRA file is written on its way to bytes (a folder the caller
+            cleans up for this person); None: the system's temp folder.
 
     Returns:
         The :class:`TrainResult` with the LoRA safetensors bytes.
@@ -677,7 +684,7 @@ def train_lora(
                     on_checkpoint(checkpoint(done, last_loss))
             last_loss = read_losses()
 
-        lora_bytes = _lora_file_bytes(pipe, lora_config)
+        lora_bytes = _lora_file_bytes(pipe, lora_config, scratch_dir)
     finally:
         if adapter_added or getattr(unet, "peft_config", None):
             # Removes the LoRA wrapper layers and puts the original modules back: the shared
