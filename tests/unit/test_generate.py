@@ -278,13 +278,3 @@ def test_style_preset_validation_messages():
     with pytest.raises(StyleError, match="`steps` must be an integer between 1 and 200 but is 201"):
         StylePreset(name="x", prompt="{subject}", steps=201)
     assert issubclass(StyleError, ValueError)
-
-
-def test_generation_is_fast_on_cpu(pipe):
-    """4 images at 64 px in a handful of steps must stay well under a few seconds on CPU."""
-    import time
-
-    generate_images(pipe, prompt="x", negative_prompt="", seeds=[0], guidance_scale=5.0, steps=1, width=64, height=64)
-    started = time.perf_counter()
-    generate_images(pipe, prompt="ohwx person", negative_prompt="", seeds=[0, 1, 2, 3], **FAST)
-    assert time.perf_counter() - started < 5.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import pickle
 import struct
-import time
 import zlib
 from pathlib import Path
 
@@ -366,12 +365,11 @@ def test_decompression_bomb_is_refused_from_the_header(monkeypatch, side):
     assert len(bomb) < 200
     _bomb_must_not_be_decoded(monkeypatch)
 
-    started = time.perf_counter()
+    # Refused from the header alone: _bomb_must_not_be_decoded fails the test if any pixel is decoded.
     error = rejected(bomb, filename="bomb.png")
 
     assert error.reason == "too_many_pixels"
     assert f"{DEFAULT_MAX_PIXELS // 1_000_000} megapixels" in error.message
-    assert time.perf_counter() - started < 1.0
 
 
 def test_max_pixels_can_be_lowered():
