@@ -22,9 +22,11 @@ import ray
 from cluster.coordinator import Coordinator
 from cluster.jobs import PersonJob, StageResult, WorkerLost
 from cluster.lease import HeadLease, NodeCutOff, lease_from_health_checks
+from cluster.purge import CONFIRMED, INCOMPLETE, NODE_DEAD, TIMED_OUT, UNREACHABLE, WorkerPurge, node_entries
 from cluster.retention import RetentionController
 from cluster.scheduler import FairScheduler, Task
 from cluster.worker import GpuWorker
+from storage import barrier
 from storage.crypto import key_store_for
 from storage.store import ArtifactStore
 from storage.sweep import DeletionHooks
@@ -32,8 +34,6 @@ from storage.sweep import DeletionHooks
 COORDINATOR_NAME = "headshots-coordinator"
 RETENTION_NAME = "headshots-retention"
 GPU_WORKER_PREFIX = "headshots-gpu-"
-# Deletion waits at most this long for workers to confirm their purge.
-PURGE_TIMEOUT_S = 60
 ACTOR_TASK_RETRIES = 2
 # After a GPU worker was lost mid-stage: how long to wait at most for Ray to say whether the process
 # that ran the stage is gone (or for it to answer, if only the call's answer was lost), and how often
@@ -98,6 +98,10 @@ class GpuWorkerActor(GpuWorker):
         return {**super().info(), "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()], "node_id": self._node_id,
                 "node_ip": ray.util.get_node_ip_address()}
 
+    def purge(self, prefixes: list[str]) -> dict:
+        # Which node purged: the deletion receipt accounts for every node.
+        return {**super().purge(prefixes), "node_id": self._node_id, "node_ip": ray.util.get_node_ip_address()}
+
     def _report(self, job: PersonJob, objects) -> None:
         try:
             if self._coordinator is None:
@@ -123,6 +127,27 @@ def _head_lease(node_id: str) -> HeadLease:
         return bool(gcs.check_alive([node], timeout=timeout_s)[0])
 
     return HeadLease(probe, lease_s=lease_s, interval_s=interval_s).start()
+
+
+def _actor_node(handle) -> str | None:
+    """The id of the node Ray's actor table places the actor on; None while it has none (restarting)."""
+    from ray._private.state import actors
+
+    try:
+        record = actors(handle._actor_id.hex())
+    except Exception:  # noqa: BLE001 - the GCS is busy or away: unknown
+        return None
+    node_id = ((record or {}).get("Address") or {}).get("NodeID") or ""
+    return node_id if node_id.strip("0f") else None  # an unset id reads as all zeros or all f's
+
+
+def _node_table() -> dict[str, dict[str, Any]]:
+    """Ray's node table: node id → {address, alive, gpus}; empty if the GCS does not answer."""
+    try:
+        return {node["NodeID"]: {"address": node.get("NodeManagerAddress"), "alive": bool(node.get("Alive")),
+                                 "gpus": float((node.get("Resources") or {}).get("GPU", 0))} for node in ray.nodes()}
+    except Exception:  # noqa: BLE001 - the receipt then says "unknown" for every node
+        return {}
 
 
 def _actor_instance(handle) -> tuple[str, int, int | None] | None:
@@ -553,6 +578,9 @@ class RetentionControllerActor(RetentionController):
 
     def __init__(self, config, metrics_port: int | None, namespace: str):
         self._namespace = namespace
+        # Worker id → the node it was last seen on: a worker whose node is gone is restarting with no
+        # node in Ray's actor table, and the receipt must still name the node that held its files.
+        self._worker_nodes: dict[str, str] = {}
         hooks = DeletionHooks(stop_persons=self._stop_persons, purge_workers=self._purge_workers,
                               repackage_batch=self._repackage_batch)
         store = ArtifactStore.from_config(config.store)
@@ -569,10 +597,58 @@ class RetentionControllerActor(RetentionController):
         ray.get(coordinator.stop_persons.remote(
             [{"tenant": p.tenant, "batch_id": p.batch_id, "person_id": p.person_id} for p in persons]))
 
-    def _purge_workers(self, persons) -> list[dict[str, Any]]:
+    def _purge_workers(self, persons) -> dict[str, list[dict[str, Any]]]:
+        """Every GPU worker purges these persons, all asked at once and waited for together at most
+        ``retention.worker_purge_timeout_s``: a worker on a node that is down, cut off or hung costs the
+        deletion that bound, never more, and never fails it. The answer accounts for every node that
+        hosts or hosted GPU workers (:mod:`cluster.purge`), confirmed or covered otherwise.
+
+        Returns:
+            ``{"workers": [one entry per worker], "nodes": [one entry per node]}`` for the receipt.
+        """
         prefixes = [p.prefix for p in persons]
-        workers = existing_gpu_workers(self._namespace)
-        return ray.get([worker.purge.remote(prefixes) for worker in workers], timeout=PURGE_TIMEOUT_S)
+        handles = {f"gpu-{index}": handle for index, handle in enumerate(existing_gpu_workers(self._namespace))}
+        for worker_id, handle in handles.items():
+            node_id = _actor_node(handle)
+            if node_id is not None:
+                self._worker_nodes[worker_id] = node_id
+        # Ray's retries stay on: a worker that dies mid-purge purges again once restarted. An unanswered
+        # call is not withdrawn either: a worker that was only slow runs it when it gets to it.
+        calls = {worker_id: handle.purge.remote(prefixes) for worker_id, handle in handles.items()}
+        ready = set()
+        if calls:
+            ready, _ = ray.wait(list(calls.values()), num_returns=len(calls),
+                                timeout=self.config.retention.worker_purge_timeout_s)
+            ready = set(ready)
+        nodes = _node_table()
+        purges = []
+        for worker_id, call in calls.items():
+            answer, error, outcome = None, None, TIMED_OUT
+            if call in ready:
+                try:
+                    answer = ray.get(call)
+                    outcome = CONFIRMED if answer.get("purged") else INCOMPLETE
+                    if answer.get("node_id"):
+                        self._worker_nodes[worker_id] = answer["node_id"]
+                except Exception as failure:  # noqa: BLE001 - recorded: the worker died or cannot be reached
+                    outcome, error = UNREACHABLE, type(failure).__name__
+            node_id = self._worker_nodes.get(worker_id)
+            if outcome != CONFIRMED and node_id in nodes and not nodes[node_id]["alive"]:
+                outcome = NODE_DEAD
+            purges.append(WorkerPurge(worker_id=worker_id, node_id=node_id, outcome=outcome, answer=answer,
+                                      error=error))
+            if outcome != CONFIRMED:
+                logger.warning("GPU worker %s (node %s) did not confirm its purge: %s%s", worker_id, node_id,
+                               outcome, f" ({error})" if error else "")
+        # Dead nodes that offered GPUs and whose host has not come back (no live node at its address):
+        # they may hold files of anyone, though no worker is placed there now (a restarted controller
+        # has no memory of where workers were).
+        live_addresses = {node["address"] for node in nodes.values() if node["alive"]}
+        lost_gpu_nodes = [node_id for node_id, node in nodes.items()
+                          if not node["alive"] and node["gpus"] > 0 and node["address"] not in live_addresses]
+        barriers_in_store = bool(persons) and all(barrier.is_deleted(self.store, person) for person in persons)
+        return {"workers": [purge.to_json() for purge in purges],
+                "nodes": node_entries(purges, nodes, gpu_nodes=lost_gpu_nodes, barriers_in_store=barriers_in_store)}
 
     def _repackage_batch(self, tenant: str, batch_id: str) -> None:
         from storage.state import StateStore

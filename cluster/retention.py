@@ -151,7 +151,7 @@ class RetentionController:
         summary = receipt.summary()
         return {"request_id": receipt.receipt_id, "receipt_id": receipt.receipt_id,
                 "objects_deleted": summary["objects_deleted"], "persons": summary["persons"],
-                "seconds": round(seconds, 3), "verification": receipt.verification}
+                "seconds": round(seconds, 3), "verification": receipt.verification, "nodes": summary["nodes"]}
 
     def overdue(self, now: str | None = None) -> dict[str, int]:
         return self._update_overdue(parse_time(now) if now else self.clock())

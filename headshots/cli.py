@@ -547,9 +547,22 @@ def cmd_delete(args, config) -> int:
     result = _call(controller, "delete", args.tenant, args.batch, args.person, args.include_outputs,
                    args.requested_by)
     what = f"person {args.person}" if args.person else f"batch {args.batch}" if args.batch else f"tenant {args.tenant}"
-    _emit(args, result, f"deleted {what}: {result['objects_deleted']} object versions in {result['seconds']} s; "
-          f"receipt {result['receipt_id']} (verification listing count {result['verification']['listing_count']})")
+    _emit(args, result, "\n".join([
+        f"deleted {what}: {result['objects_deleted']} object versions in {result['seconds']} s; "
+        f"receipt {result['receipt_id']} (verification listing count {result['verification']['listing_count']})",
+        *_node_lines(result.get("nodes"))]))
     return EXIT_OK
+
+
+def _node_lines(nodes: dict | None) -> list[str]:
+    """The GPU nodes' part in a deletion: how many confirmed their purge, and each one that did not."""
+    if not nodes:
+        return []
+    lines = [f"GPU nodes: {nodes['confirmed']} confirmed the purge, {len(nodes['not_confirmed'])} did not"]
+    for node in nodes["not_confirmed"]:
+        lines.append(f"  node {node['address'] or node['node_id'] or 'unknown'}: {node['outcome']}; covered by "
+                     f"{', '.join(node['covered_by']) or 'nothing'}")
+    return lines
 
 
 def cmd_receipts(args, config) -> int:
@@ -569,8 +582,12 @@ def cmd_receipts(args, config) -> int:
     else:
         for receipt in receipts:
             summary = receipt.summary()
+            nodes = summary["nodes"]
             print(f"{receipt.receipt_id:<36} {receipt.kind:<8} {summary['persons']:>4} persons "
-                  f"{summary['objects_deleted']:>6} versions  listing count {receipt.verification.get('listing_count')}")
+                  f"{summary['objects_deleted']:>6} versions  listing count {receipt.verification.get('listing_count')}"
+                  f"  nodes {nodes['confirmed']} confirmed {len(nodes['not_confirmed'])} not")
+            for line in _node_lines(nodes)[1:]:
+                print(line)
         if not receipts:
             print("no receipts")
     return EXIT_OK

@@ -298,9 +298,14 @@ class RetentionConfig:
     # After an early deletion, sweeps list the person's prefixes again for this long and remove any
     # version a writer that died between its write and its barrier check left (storage/barrier.py).
     late_write_audit_s: int = 24 * 3600
+    # A deletion waits this long, at most, for the GPU workers to confirm their purge (all asked at
+    # once); a worker that does not answer in time (its node down or cut off, or hung) is recorded in the
+    # receipt as not confirmed, with how its node is covered (cluster/purge.py).
+    worker_purge_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         _require_range("retention.sweep_interval_s", self.sweep_interval_s, 10, 7 * 24 * 3600)
+        _require_range("retention.worker_purge_timeout_s", self.worker_purge_timeout_s, 1, 600)
         _require_range("retention.lifecycle_grace_days", self.lifecycle_grace_days, 1, 365)
         _require_range("retention.late_write_audit_s", self.late_write_audit_s, 0, 30 * 24 * 3600)
 

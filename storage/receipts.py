@@ -64,6 +64,9 @@ class Receipt:
     objects: list[dict[str, Any]] = field(default_factory=list)
     verification: dict[str, Any] = field(default_factory=dict)
     worker_purges: list[dict[str, Any]] = field(default_factory=list)
+    # Every node that hosts or hosted GPU workers: confirmed, or not (dead, unreachable, timed out) and
+    # how it is covered then (cluster/purge.py). Receipts written before this field have none.
+    nodes: list[dict[str, Any]] = field(default_factory=list)
     keys_destroyed: list[dict[str, Any]] = field(default_factory=list)
     # Early deletions: the deletion barrier raised for each person before anything was deleted.
     barriers: list[dict[str, Any]] = field(default_factory=list)
@@ -93,9 +96,17 @@ class Receipt:
             entry["versions"] += 1
             entry["bytes"] += int(item.get("size") or 0)
         return {"receipt_id": self.receipt_id, "kind": self.kind, "persons": len(self.persons),
-                "objects_deleted": len(self.objects), "by_artifact": by_class,
+                "objects_deleted": len(self.objects), "by_artifact": by_class, "nodes": self.node_summary(),
                 "bytes": sum(e["bytes"] for e in by_class.values()),
                 "verification": self.verification, "started_at": self.started_at, "finished_at": self.finished_at}
+
+
+    def node_summary(self) -> dict[str, Any]:
+        """How many nodes confirmed the purge, and the address and outcome of each one that did not."""
+        unconfirmed = [{"address": node.get("address"), "node_id": node.get("node_id"), "outcome": node.get("outcome"),
+                        "covered_by": (node.get("coverage") or {}).get("mechanisms", [])}
+                       for node in self.nodes if not node.get("confirmed")]
+        return {"confirmed": len(self.nodes) - len(unconfirmed), "not_confirmed": unconfirmed}
 
 
 def write_intent(store: ArtifactStore, receipt_id: str, person: keys.PersonRef, intent: Mapping[str, Any]) -> str:

@@ -9,7 +9,8 @@ barrier before anything else, :mod:`storage.barrier`, so no write for them can s
 1. an intent is written to the receipts bucket (so a crash half-way is finished by the next sweep);
 2. the person's data key is destroyed first (crypto-erasure: escaped copies become unreadable);
 3. every version and delete marker under the person's prefix is deleted, class by class;
-4. GPU workers drop their local copies and confirm;
+4. GPU workers drop their local copies and confirm, each waited for within one bound; the receipt
+   says which nodes confirmed and how the others are covered (:mod:`cluster.purge`);
 5. the state document is replaced by a tombstone (ids, times, receipt ids; no names) and its older
    versions — which hold names — are deleted;
 6. the prefixes are purged once more (a write that landed just before the barrier was seen), then
@@ -55,7 +56,10 @@ class DeletionHooks:
     """How deletion reaches running processes. Defaults do nothing (nothing is running)."""
 
     stop_persons: Callable[[list[keys.PersonRef]], None] = lambda persons: None
-    purge_workers: Callable[[list[keys.PersonRef]], list[dict[str, Any]]] = lambda persons: []
+    # Returns {"workers": [one confirmation per GPU worker], "nodes": [one entry per node]} (a plain list
+    # is read as the workers' confirmations alone).
+    purge_workers: Callable[[list[keys.PersonRef]], dict[str, list[dict[str, Any]]] | list[dict[str, Any]]] = \
+        lambda persons: {"workers": [], "nodes": []}
     repackage_batch: Callable[[str, str], None] = lambda tenant, batch_id: None
     # Called after each person of a sweep is done (tests use it to kill the sweep half-way).
     after_person: Callable[[int], None] = lambda count: None
@@ -74,6 +78,15 @@ class SweepResult:
                 "objects": summary["objects_deleted"], "by_artifact": summary["by_artifact"],
                 "bytes": summary["bytes"], "seconds": round(self.seconds, 3),
                 "verification": self.receipt.verification, "completed_from": self.receipt.completed_from}
+
+
+def _record_purges(receipt: Receipt, answer) -> None:
+    """What ``hooks.purge_workers`` answered, into the receipt: per worker, and per node."""
+    if isinstance(answer, dict):
+        receipt.worker_purges.extend(answer.get("workers", []))
+        receipt.nodes.extend(answer.get("nodes", []))
+    else:
+        receipt.worker_purges.extend(answer)
 
 
 def _person_json(person: keys.PersonRef) -> dict[str, str]:
@@ -284,7 +297,7 @@ def run_sweep(store: ArtifactStore, policy: RetentionPolicy, *, now: datetime | 
             raise
     if swept and not dry_run:
         # Every GPU worker drops whatever it still holds of these persons, and confirms.
-        receipt.worker_purges.extend(hooks.purge_workers(swept))
+        _record_purges(receipt, hooks.purge_workers(swept))
 
     # 3. Receipts past their own retention (they hold ids only, but they do not live forever).
     if not dry_run:
@@ -437,7 +450,7 @@ def delete_on_request(store: ArtifactStore, policy: RetentionPolicy, persons: li
                                  dry_run=False, intent_keys=intent_keys)
         receipt.objects.extend(deleted)
         receipt.persons.append(_person_json(person))
-    receipt.worker_purges.extend(hooks.purge_workers(persons))
+    _record_purges(receipt, hooks.purge_workers(persons))
     for person in persons:
         # Read again: writes that landed before the barrier are in the newest version, not the first read.
         document = read_person_document(store, person) or documents[person]

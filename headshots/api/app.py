@@ -740,6 +740,9 @@ def _tenant_view(receipt: dict[str, Any], tenant: str) -> dict[str, Any] | None:
     view["keys_destroyed"] = [k for k in receipt.get("keys_destroyed", [])
                               if f"/{tenant}/" in str(k.get("key", "")) or str(k.get("key", "")).startswith(prefix)]
     view["worker_purges"] = [] if receipt.get("kind") == "sweep" else receipt.get("worker_purges", [])
+    # Which nodes confirmed and how the others are covered; without the nodes' network addresses.
+    view["nodes"] = [] if receipt.get("kind") == "sweep" else [
+        {key: value for key, value in node.items() if key != "address"} for node in receipt.get("nodes", [])]
     view["scope"] = receipt.get("scope") if receipt.get("kind") == "request" else {}
     return view
 
