@@ -506,7 +506,7 @@ class WebhookDispatcher:
         store: the artifact store (pending records, secrets, batch subscriptions).
         config: the ``webhooks`` config section.
         source: who emits (``coordinator``, ``retention``): each process picks up only its own records.
-        metrics: counts attempts in ``webhook_deliveries_total{event,outcome}``.
+        metrics: counts attempts in ``headshots_webhook_deliveries_total{event,outcome}``.
         threads: sender threads.
         resolve: resolves receivers' hosts (tests pass a stub).
     """

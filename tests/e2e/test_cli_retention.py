@@ -103,10 +103,10 @@ def test_retention_metrics_show_the_deletions(stack):
     env = json.loads(run_cli(home, "env", "--json").stdout)
     text = urllib.request.urlopen(env["retention_metrics_url"], timeout=10).read().decode()
     values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines() if line and not line[0] == "#"}
-    assert values['retention_objects_deleted_total{artifact="uploads"}'] > 0
-    assert values['deletion_requests_total{status="succeeded"}'] >= 1
-    assert values["retention_last_success_timestamp_seconds"] > 0
-    assert values['retention_overdue_objects{artifact="uploads"}'] == 0
+    assert values['headshots_retention_objects_deleted_total{artifact="uploads"}'] > 0
+    assert values['headshots_deletion_requests_total{status="succeeded"}'] >= 1
+    assert values["headshots_retention_last_success_timestamp_seconds"] > 0
+    assert values['headshots_retention_overdue_objects{artifact="uploads"}'] == 0
 
 
 def test_no_log_on_any_machine_holds_a_name_or_an_email(stack):

@@ -128,7 +128,7 @@ def scraped(prometheus):
     api, workdir = prometheus
     # Both targets up and the demo's figures in: custom metrics show after a few scrapes.
     _wait_until(lambda: len(query(api, "up == 1")) == 2 and query(api, "headshots_batches_submitted_total")
-                and query(api, "retention_last_success_timestamp_seconds"), "both targets scraped", workdir)
+                and query(api, "headshots_retention_last_success_timestamp_seconds"), "both targets scraped", workdir)
     return api
 
 
@@ -142,13 +142,13 @@ def test_the_pipeline_metrics_show_the_demo_batch(scraped):
 
 
 def test_the_privacy_metrics_show_a_healthy_retention_controller(scraped):
-    overdue = query(scraped, "retention_overdue_objects")
+    overdue = query(scraped, "headshots_retention_overdue_objects")
     assert {series["metric"]["artifact"] for series in overdue} >= {"uploads", "derived", "models"}
     assert sum(float(series["value"][1]) for series in overdue) == 0
     # The controller sweeps as it starts: the last success is recent, within the configured interval.
-    since_last_sweep = value(scraped, "time() - retention_last_success_timestamp_seconds")
-    assert 0 <= since_last_sweep < value(scraped, "retention_sweep_interval_seconds")
-    assert value(scraped, "deletion_oldest_pending_request_age_seconds") == 0
+    since_last_sweep = value(scraped, "time() - headshots_retention_last_success_timestamp_seconds")
+    assert 0 <= since_last_sweep < value(scraped, "headshots_retention_sweep_interval_seconds")
+    assert value(scraped, "headshots_deletion_oldest_pending_request_age_seconds") == 0
 
 
 def test_the_alert_rules_load_and_evaluate_quietly_on_a_healthy_stack(scraped):

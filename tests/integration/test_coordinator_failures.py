@@ -119,8 +119,8 @@ def test_poison_input_fails_its_person_after_k_attempts_and_the_batch_goes_on(co
     assert poison.error.startswith("train failed after 2 attempt(s): RuntimeError: CUDA error")
     assert [c for c in pool.calls if c[:2] == ("poison", "train")] == [("poison", "train", coordinator.epoch)] * 2
     assert not any(c[0] == "poison" and c[1] == "generate" for c in pool.calls)
-    assert _value(coordinator.registry, "stage_attempts_exhausted_total", stage="train") == 1
-    assert _value(coordinator.registry, "stage_retries_total", stage="train") == 1
+    assert _value(coordinator.registry, "headshots_stage_attempts_exhausted_total", stage="train") == 1
+    assert _value(coordinator.registry, "headshots_stage_retries_total", stage="train") == 1
 
 
 def test_lost_workers_do_not_count_as_attempts(config, store, tenant):
@@ -134,8 +134,8 @@ def test_lost_workers_do_not_count_as_attempts(config, store, tenant):
     assert final == "done" and person.state == "done" and person.error is None
     assert "train" not in person.attempts and person.attempts["train:worker_lost"] == 2
     assert person.attempts["generate:worker_lost"] == 1
-    assert _value(coordinator.registry, "stage_retries_total", stage="train") == 2
-    assert _value(coordinator.registry, "stage_attempts_exhausted_total", stage="train") == 0
+    assert _value(coordinator.registry, "headshots_stage_retries_total", stage="train") == 2
+    assert _value(coordinator.registry, "headshots_stage_attempts_exhausted_total", stage="train") == 0
 
 
 def test_too_many_lost_workers_fail_the_person_with_a_hint(config, store, tenant):

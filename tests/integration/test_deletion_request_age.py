@@ -12,7 +12,7 @@ import pytest
 from cluster.retention import RetentionController
 from storage.store import ObjectNotFound
 
-AGE = "deletion_oldest_pending_request_age_seconds"
+AGE = "headshots_deletion_oldest_pending_request_age_seconds"
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def controller(base_config, key_store):
 
 
 def test_the_sweep_interval_is_exported(controller, base_config):
-    assert controller.registry.get_sample_value("retention_sweep_interval_seconds") == \
+    assert controller.registry.get_sample_value("headshots_retention_sweep_interval_seconds") == \
         base_config.retention.sweep_interval_s
 
 
@@ -44,11 +44,11 @@ def test_a_request_waiting_behind_a_sweep_shows_its_age_until_it_finishes(contro
     assert not worker.is_alive() and "summary" in outcome
     assert waited >= 0.2
     assert controller.registry.get_sample_value(AGE) == 0
-    assert controller.registry.get_sample_value("deletion_requests_total", {"status": "succeeded"}) == 1
+    assert controller.registry.get_sample_value("headshots_deletion_requests_total", {"status": "succeeded"}) == 1
 
 
 def test_a_failed_request_is_no_longer_pending(controller, tenant):
     with pytest.raises(ObjectNotFound, match="no-such-batch"):
         controller.delete(tenant, batch_id="no-such-batch", person_id="nobody")
     assert controller.registry.get_sample_value(AGE) == 0
-    assert controller.registry.get_sample_value("deletion_requests_total", {"status": "failed"}) == 1
+    assert controller.registry.get_sample_value("headshots_deletion_requests_total", {"status": "failed"}) == 1

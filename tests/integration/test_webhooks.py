@@ -116,9 +116,9 @@ def test_a_failing_receiver_gets_retries_with_the_same_delivery_id_until_it_acce
     assert _pending_keys(store, dispatcher.source) == []
     assert store.list_versions("state", keys.webhook_pending_prefix(dispatcher.source)) == []
     value = dispatcher.registry.get_sample_value
-    assert value("webhook_deliveries_total", {"event": "batch.completed", "outcome": "retried"}) == 2
-    assert value("webhook_deliveries_total", {"event": "batch.completed", "outcome": "delivered"}) == 1
-    assert value("webhook_deliveries_total", {"event": "batch.completed", "outcome": "failed"}) == 0
+    assert value("headshots_webhook_deliveries_total", {"event": "batch.completed", "outcome": "retried"}) == 2
+    assert value("headshots_webhook_deliveries_total", {"event": "batch.completed", "outcome": "delivered"}) == 1
+    assert value("headshots_webhook_deliveries_total", {"event": "batch.completed", "outcome": "failed"}) == 0
 
 
 def test_an_event_emitted_again_after_it_was_delivered_is_not_posted_again(store, tenant, receivers, dispatchers):
@@ -139,7 +139,7 @@ def test_an_event_emitted_again_after_it_was_delivered_is_not_posted_again(store
     assert dispatcher.wait_idle(10)
     assert [r["headers"]["X-Headshots-Delivery"] for r in receiver.requests] == [event.id, other.id]
     value = dispatcher.registry.get_sample_value
-    assert value("webhook_deliveries_total", {"event": "person.needs_photos", "outcome": "delivered"}) == 2
+    assert value("headshots_webhook_deliveries_total", {"event": "person.needs_photos", "outcome": "delivered"}) == 2
 
 
 def test_a_delivery_is_given_up_after_max_attempts(store, tenant, receivers, dispatchers):
@@ -152,8 +152,8 @@ def test_a_delivery_is_given_up_after_max_attempts(store, tenant, receivers, dis
     assert len(receiver.requests) == 3
     assert _pending_keys(store, dispatcher.source) == []
     value = dispatcher.registry.get_sample_value
-    assert value("webhook_deliveries_total", {"event": "person.failed", "outcome": "failed"}) == 2
-    assert value("webhook_deliveries_total", {"event": "person.failed", "outcome": "retried"}) == 4
+    assert value("headshots_webhook_deliveries_total", {"event": "person.failed", "outcome": "failed"}) == 2
+    assert value("headshots_webhook_deliveries_total", {"event": "person.failed", "outcome": "retried"}) == 4
 
 
 def test_by_default_a_loopback_receiver_is_refused_without_a_single_request(store, tenant, receivers, dispatchers):
@@ -165,8 +165,8 @@ def test_by_default_a_loopback_receiver_is_refused_without_a_single_request(stor
     assert receiver.requests == []
     assert _pending_keys(store, dispatcher.source) == []
     value = dispatcher.registry.get_sample_value
-    assert value("webhook_deliveries_total", {"event": "batch.completed", "outcome": "failed"}) == 1
-    assert value("webhook_deliveries_total", {"event": "batch.completed", "outcome": "retried"}) == 0
+    assert value("headshots_webhook_deliveries_total", {"event": "batch.completed", "outcome": "failed"}) == 1
+    assert value("headshots_webhook_deliveries_total", {"event": "batch.completed", "outcome": "retried"}) == 0
 
 
 def test_the_connection_goes_to_the_checked_address_not_to_a_new_lookup(receivers):
@@ -272,7 +272,7 @@ def test_the_coordinator_announces_persons_and_the_batch_with_ids_only(config, s
         assert request["headers"]["X-Headshots-Event"] == json.loads(request["body"])["type"]
     assert _pending_keys(store, "coordinator") == []
     value = coordinator.registry.get_sample_value
-    assert value("webhook_deliveries_total", {"event": "person.needs_photos", "outcome": "delivered"}) == 2
+    assert value("headshots_webhook_deliveries_total", {"event": "person.needs_photos", "outcome": "delivered"}) == 2
 
 
 def test_a_receiver_that_hangs_does_not_hold_up_the_batch(config, store, tenant, receivers):

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from monitoring.metrics import create_pipeline_metrics, create_retention_metrics
+from monitoring.metrics import create_pipeline_metrics, create_retention_metrics, create_webhook_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "monitoring" / "alerts" / "rules.yaml"
@@ -43,11 +43,18 @@ def run_promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([promtool(), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def exported_metric_names() -> set[str]:
-    """Every series name the system exports, from fresh registries (as Prometheus would scrape them)."""
+def every_metric() -> CollectorRegistry:
+    """A fresh registry holding every metric the system defines."""
     registry = CollectorRegistry()
     create_pipeline_metrics(registry)
     create_retention_metrics(registry)
+    create_webhook_metrics(registry)
+    return registry
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name the system exports, from fresh registries (as Prometheus would scrape them)."""
+    registry = every_metric()
     suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum", "_created")}
     return {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
 
@@ -93,8 +100,8 @@ def test_every_alert_passes_its_promtool_unit_tests():
 
 def test_the_unit_tests_fail_when_an_alert_threshold_is_loosened(tmp_path):
     """The promtool tests pin each alert's timing: an overdue alert that waits 2 h instead of 1 h fails them."""
-    loosened = RULES.read_text().replace("expr: max by (artifact) (retention_overdue_objects) > 0\n        for: 1h",
-                                         "expr: max by (artifact) (retention_overdue_objects) > 0\n        for: 2h")
+    alert = "expr: max by (artifact) (headshots_retention_overdue_objects) > 0\n        for: "
+    loosened = RULES.read_text().replace(alert + "1h", alert + "2h")
     assert loosened != RULES.read_text()
     (tmp_path / "rules.yaml").write_text(loosened)
     shutil.copy(RULE_TESTS, tmp_path / "rules_test.yaml")
@@ -127,9 +134,24 @@ def test_every_metric_in_the_alert_rules_and_the_dashboard_is_exported():
 
 def test_the_metric_name_check_finds_an_unknown_name():
     expression = ('sum by (stage) (rate(headshots_stage_errors_totl{tenant=~"$tenant"}[$__rate_interval])) '
-                  '/ on () group_left max(retention_overdue_objects offset 5m) > bool 0')
-    assert metric_names_in(expression) == {"headshots_stage_errors_totl", "retention_overdue_objects"}
+                  '/ on () group_left max(headshots_retention_overdue_objects offset 5m) > bool 0')
+    assert metric_names_in(expression) == {"headshots_stage_errors_totl", "headshots_retention_overdue_objects"}
     assert "headshots_stage_errors_totl" not in exported_metric_names()
+
+
+def test_every_metric_name_follows_the_prometheus_conventions():
+    """One ``headshots_`` prefix (so our series are found, and never mistaken for Ray's or an exporter's),
+    and a unit, when a name has one, in base units at the end (before a counter's ``_total``)."""
+    units = {"seconds", "bytes", "ratio"}
+    others = {"milliseconds", "ms", "minutes", "hours", "days", "kilobytes", "megabytes", "percent"}
+    families = list(every_metric().collect())
+    assert families
+    for family in families:
+        name = family.name  # without a counter's _total
+        words = name.split("_")
+        assert name.startswith("headshots_") and words[1] != "headshots", name
+        assert not set(words) & others, f"{name}: use base units (seconds, bytes, ratio)"
+        assert not set(words[:-1]) & units, f"{name}: the unit goes last"
 
 
 def test_metric_labels_never_identify_a_person():
@@ -158,10 +180,11 @@ def test_dashboard_has_the_three_rows_and_every_panel_queries_prometheus():
         assert panel["targets"], panel["title"]
         by_row.setdefault(section, []).extend(target["expr"] for target in panel["targets"])
     privacy = " ".join(by_row["Privacy"])
-    for metric in ("retention_overdue_objects", "deletion_request_duration_seconds_bucket",
-                   "retention_last_success_timestamp_seconds", "deletion_oldest_pending_request_age_seconds"):
+    for metric in ("headshots_retention_overdue_objects", "headshots_deletion_request_duration_seconds_bucket",
+                   "headshots_retention_last_success_timestamp_seconds",
+                   "headshots_deletion_oldest_pending_request_age_seconds"):
         assert metric in privacy
     gpu_pool = " ".join(by_row["GPU pool"])
-    for metric in ("gpu_busy_ratio", "headshots_images_generated_total", "gpu_memory_used_bytes"):
+    for metric in ("headshots_gpu_busy_ratio", "headshots_images_generated_total", "headshots_gpu_memory_used_bytes"):
         assert metric in gpu_pool
     assert "$tenant" in " ".join(by_row[DASHBOARD_ROWS[0]])

@@ -247,8 +247,8 @@ def test_a_refused_delivery_is_given_up_at_once_counted_as_failed_and_logged_by_
         finally:
             dispatcher.stop()
     value = registry.get_sample_value
-    assert value("webhook_deliveries_total", {"event": "batch.completed", "outcome": "failed"}) == 1
-    assert value("webhook_deliveries_total", {"event": "batch.completed", "outcome": "retried"}) == 0
+    assert value("headshots_webhook_deliveries_total", {"event": "batch.completed", "outcome": "failed"}) == 1
+    assert value("headshots_webhook_deliveries_total", {"event": "batch.completed", "outcome": "retried"}) == 0
     assert store.records == {}  # the pending record is gone: nothing is retried after a restart
     [line] = [record.getMessage() for record in caplog.records if "refused" in record.getMessage()]
     assert "hooks.example resolves to 169.254.169.254 (link-local)" in line
