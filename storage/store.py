@@ -19,7 +19,8 @@ Raw client calls: nothing outside this module calls ``client`` directly for pers
 need beyond single objects is here too, under the same retries: complete version listings
 (:meth:`ArtifactStore.list_all_versions`), deletion by version id in batches with failures reported per
 object (:meth:`ArtifactStore.remove_versions`), prefix listings (:meth:`ArtifactStore.list_subprefixes`),
-copying a folder to disk (:meth:`ArtifactStore.download_prefix`), and :meth:`ArtifactStore.with_retry`
+listing and copying a folder to disk (:meth:`ArtifactStore.list_prefix`,
+:meth:`ArtifactStore.download_prefix`), and :meth:`ArtifactStore.with_retry`
 for the rest (bucket settings).
 
 Conditional writes: ``put(if_absent=True)`` (``If-None-Match: *``) and ``put(if_match=etag)``
@@ -33,8 +34,10 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import ssl
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -66,6 +69,8 @@ REMOVE_BATCH = 1000
 
 # The request may not have reached the server, or its answer was lost: try again.
 _NETWORK_ERRORS = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+# What a GET or HEAD pinned to a listed ETag answers once the object was replaced or removed.
+_CHANGED_SINCE_LISTED_CODES = ("PreconditionFailed", "HTTP412", "NoSuchKey", "NoSuchObject", "NoSuchVersion")
 # S3 error codes that mean "busy or not ready, try later" (AWS, MinIO and SeaweedFS spellings).
 _BUSY_CODES = frozenset({
     "InternalError", "ServiceUnavailable", "SlowDown", "SlowDownRead", "SlowDownWrite", "RequestTimeout",
@@ -113,6 +118,11 @@ class ObjectExists(WriteConflict):
     """A create-only write (``if_absent=True``) found the key already there."""
 
 
+class ObjectChanged(StoreError):
+    """An object is no longer what the listing showed (replaced or removed since): what was being
+    copied by that listing would mix two versions, so the caller lists again."""
+
+
 @dataclass(frozen=True)
 class StoredObject:
     """One object version as written."""
@@ -140,6 +150,29 @@ class StoredObject:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "StoredObject":
         return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    """One current object as a listing shows it: enough to tell whether a copy on disk is still current
+    (the ETag changes whenever the object's content is replaced)."""
+
+    key: str
+    size: int
+    etag: str
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            raise ValueError(f"size must be >= 0 but is {self.size}")
+        if not self.etag:
+            raise ValueError(f"etag must be the server's ETag of {self.key!r} but is empty")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ListedObject":
+        return cls(key=data["key"], size=int(data["size"]), etag=data["etag"])
 
 
 @dataclass(frozen=True)
@@ -474,34 +507,78 @@ class ArtifactStore:
                      if item.is_dir],
             bucket=bucket, key=prefix, action="cannot list prefixes")
 
-    def download_prefix(self, bucket: str, prefix: str, target: str | Path) -> int:
+    def list_prefix(self, bucket: str, prefix: str) -> list[ListedObject]:
+        """Every current object under ``s3://bucket/prefix`` with its size and ETag, sorted by key;
+        folder placeholders (keys ending in '/') hold nothing and are left out. For buckets outside the
+        artifact classes, such as base models. Complete or an error, like :meth:`list_keys`."""
+        listed = self._retry(
+            lambda: [ListedObject(key=item.object_name, size=int(item.size or 0), etag=_unquote(item.etag))
+                     for item in self.client.list_objects(bucket, prefix=prefix, recursive=True)
+                     if not item.object_name.endswith("/")],
+            bucket=bucket, key=prefix, action="cannot list objects to download")
+        return sorted(listed, key=lambda item: item.key)
+
+    def download_prefix(self, bucket: str, prefix: str, target: str | Path, *,
+                        objects: Iterable[ListedObject] | None = None) -> int:
         """Copy every object under ``s3://bucket/prefix`` into the folder ``target`` (keys relative to
         ``prefix`` become paths). For buckets outside the artifact classes, such as base models.
 
         The listing is complete before the first download; each download is retried on its own and
-        rewrites its file whole, so a copy interrupted by an outage carries on where it was.
+        rewrites its file whole, so a copy interrupted by an outage carries on where it was. A download
+        is written to a temporary file next to its destination and renamed over it when whole; the
+        temporary file is removed when the download fails, so a failed copy leaves no partial files
+        (the files already copied stay).
+
+        Args:
+            objects: copy exactly these (from :meth:`list_prefix`) instead of listing again; each is
+                fetched only while its ETag is still the listed one (``If-Match``), so the folder never
+                mixes two versions of what was listed.
 
         Returns:
             How many objects were copied (0: nothing under the prefix).
 
         Raises:
+            ObjectChanged: with ``objects``, one was replaced or removed since it was listed.
             StoreError: a key would land outside ``target`` (``..``), or the store refused a call.
             StoreUnavailable: the server stayed unreachable for ``outage_tolerance_s``.
         """
         root = Path(target).resolve()
-        names = self._retry(
-            lambda: [item.object_name for item in self.client.list_objects(bucket, prefix=prefix, recursive=True)
-                     if not item.object_name.endswith("/")],  # folder placeholders hold nothing
-            bucket=bucket, key=prefix, action="cannot list objects to download")
-        for name in names:
-            destination = (root / name[len(prefix):]).resolve()
-            if root not in destination.parents:
+        wanted = list(objects) if objects is not None else self.list_prefix(bucket, prefix)
+        planned = []
+        for item in wanted:
+            destination = (root / item.key[len(prefix):]).resolve()
+            if not item.key.startswith(prefix) or root not in destination.parents:
                 raise StoreError(f"cannot download object: its key would be written outside {root}",
-                                 bucket=bucket, key=name)
+                                 bucket=bucket, key=item.key)
+            planned.append((item, destination))
+        for item, destination in planned:
             destination.parent.mkdir(parents=True, exist_ok=True)
-            self._retry(lambda name=name, destination=destination: self.client.fget_object(
-                bucket, name, str(destination)), bucket=bucket, key=name, action="cannot download object")
-        return len(names)
+            # Named by us (not minio's "<file>.<etag>.part.minio") so that it can be removed on failure.
+            partial = destination.with_name(f".{destination.name}.{os.getpid()}-{threading.get_ident()}.part")
+            pinned = {"If-Match": f'"{item.etag}"'} if objects is not None else None
+            try:
+                stat = self._retry(
+                    lambda item=item, destination=destination, partial=partial: self.client.fget_object(
+                        bucket, item.key, str(destination), request_headers=pinned, tmp_file_path=str(partial)),
+                    bucket=bucket, key=item.key, action="cannot download object")
+            except StoreUnavailable:
+                raise
+            except StoreError as error:
+                # The HEAD before the GET answers a failed If-Match with a bare 412 (no error body).
+                if objects is None or error.code not in _CHANGED_SINCE_LISTED_CODES:
+                    raise
+                raise ObjectChanged(f"cannot download object: it was replaced or removed since it was listed "
+                                    f"({error.code}); list again", bucket=bucket, key=item.key,
+                                    code=error.code) from None
+            finally:
+                partial.unlink(missing_ok=True)
+            # A server that ignores If-Match still says which version it sent.
+            sent_etag = _unquote(getattr(stat, "etag", None))
+            if objects is not None and sent_etag is not None and sent_etag != item.etag:
+                destination.unlink(missing_ok=True)
+                raise ObjectChanged("cannot download object: it was replaced since it was listed; list again",
+                                    bucket=bucket, key=item.key, code="ETagChanged")
+        return len(planned)
 
     def put_json(self, artifact: str, key: str, document: Any, *, if_absent: bool = False,
                  if_match: str | None = None) -> StoredObject:

@@ -70,7 +70,7 @@ class VersionedFake:
                     raise middle.pop(0)
                 listed += 1
                 yield SimpleNamespace(object_name=key, is_dir=False, version_id=version_id,
-                                      is_delete_marker=marker, size=size)
+                                      is_delete_marker=marker, size=size, etag=f'"etag-{version_id}"')
 
     def remove_objects(self, bucket, delete_object_list):
         pending = iter(delete_object_list)
@@ -105,11 +105,12 @@ class VersionedFake:
         versions = self.versions.get((bucket, key), [])
         versions[:] = [v for v in versions if v[0] != version_id]
 
-    def fget_object(self, bucket, key, path):
+    def fget_object(self, bucket, key, path, request_headers=None, tmp_file_path=None):
         lost = self._enter("fget_object")
         self.files[path] = b"data of " + key.encode()
         if lost:
             raise lost
+        return SimpleNamespace(etag=f'"etag-{self.versions[(bucket, key)][-1][0]}"')
 
 
 @pytest.fixture
