@@ -29,8 +29,10 @@ is stored, and the other run adopts it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -38,6 +40,7 @@ import math
 import os
 import secrets
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -50,7 +53,8 @@ from pipeline import package
 from storage import barrier, keys
 from storage.crypto import key_store_for
 from storage.scoped import PersonScope
-from storage.store import ArtifactStore, ObjectExists, StoredObject, StoreError, utc_now_iso
+from storage.store import (ArtifactStore, ListedObject, ObjectChanged, ObjectExists, StoredObject, StoreError,
+                           utc_now_iso)
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +166,96 @@ def claim_person_folder(persons_dir: Path) -> tuple[Path, int]:
     raise RuntimeError(f"could not make a folder of this worker's own under {persons_dir}: other workers "
                        "starting on this node kept removing it; check that the node cache is not shared "
                        "between nodes (HEADSHOTS_NODE_CACHE_DIR or workers.cache_dir)")
+
+
+# The node cache's folder for base models: beside persons/ (person data, wiped on its own), never in it.
+BASE_MODEL_CACHE_FOLDER = "base-models"
+# Inside each copy, written last before the rename: the listing the copy was made from.
+BASE_MODEL_COPY_RECORD = ".copy.json"
+# A model re-uploaded while a worker copies it is listed and copied again, this many times in all.
+BASE_MODEL_COPY_ATTEMPTS = 3
+
+
+def _split_s3_location(base_model: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` → (``bucket``, ``some/prefix/``), refusing what could not be a
+    folder inside the node cache."""
+    bucket, _, prefix = base_model[len("s3://"):].partition("/")
+    parts = [part for part in prefix.split("/") if part]
+    if not bucket or not parts or any(part in (".", "..") for part in parts) or "/" in bucket:
+        raise ValueError(f"base_model {base_model!r} must be s3://<bucket>/<prefix>/ with a non-empty prefix "
+                         "and no '.' or '..' parts, e.g. s3://models/_system/base-models/sd15/")
+    return bucket, "/".join(parts) + "/"
+
+
+def _listing_digest(listing: list[ListedObject]) -> str:
+    """Names one version of a model folder: any object added, removed or replaced changes it."""
+    canonical = json.dumps([item.to_json() for item in listing], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _is_complete_copy(copy_dir: Path, listing: list[ListedObject]) -> bool:
+    """Whether ``copy_dir`` holds this listing whole: its record matches and every file has its size
+    (a copy cut short after the rename, e.g. by a power loss, fails the size check)."""
+    try:
+        record = json.loads((copy_dir / BASE_MODEL_COPY_RECORD).read_text())
+        recorded = [ListedObject.from_json(item) for item in record["objects"]]
+        prefix = record["prefix"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if recorded != listing:
+        return False
+    for item in listing:
+        try:
+            if (copy_dir / item.key[len(prefix):]).stat().st_size != item.size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path, *, waiting_for: str):
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing) for the ``with`` block.
+
+    The file is opened anew on every call: flock excludes other open files, so threads of one process
+    exclude each other as processes do; the lock ends with the process, so a killed holder frees it.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for %s (lock %s)", waiting_for, lock_path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _copy_into_place(store: ArtifactStore, bucket: str, prefix: str, listing: list[ListedObject],
+                     copy_dir: Path) -> None:
+    """Copy ``listing`` into a fresh folder beside ``copy_dir`` and rename it into place when whole.
+    Called with the model's lock held, so no other copier is running and any ``.partial-*`` folder or
+    unfinished ``copy_dir`` is what a dead one left."""
+    model_dir = copy_dir.parent
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in model_dir.glob(".partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if copy_dir.exists():
+        shutil.rmtree(copy_dir)
+    partial = Path(tempfile.mkdtemp(prefix=f".partial-{copy_dir.name}-", dir=model_dir))
+    try:
+        logger.info("copying base model s3://%s/%s (%d objects, %d bytes) into %s", bucket, prefix, len(listing),
+                    sum(item.size for item in listing), copy_dir)
+        store.download_prefix(bucket, prefix, partial, objects=listing)
+        record = {"bucket": bucket, "prefix": prefix, "objects": [item.to_json() for item in listing],
+                  "copied_at": utc_now_iso()}
+        (partial / BASE_MODEL_COPY_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
+        os.rename(partial, copy_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 class StaleJob(RuntimeError):
@@ -397,23 +491,52 @@ class GpuWorker:
         return self._pipe
 
     def _materialize(self, base_model: str) -> str:
-        """``s3://bucket/prefix`` → a local folder (copied once per worker machine); others unchanged.
+        """``s3://bucket/prefix/`` → a local folder, copied once per node; other sources unchanged.
 
-        The copy rides out store outages like every other store call (``store.outage_tolerance_s``);
-        the folder counts as complete only once every object is in it.
+        The node's copy lives in ``<node cache>/base-models/<bucket>/<prefix>/version-<digest>/``, where
+        the digest is the sha256 of the prefix's listing (every key with its size and ETag). The store is
+        listed on every load, so a model uploaded again under the same prefix (new ETags) gets a new
+        digest and is copied again; an unchanged one is reused, across worker restarts, from the disk.
+        A node wipe (the cache folder gone) simply copies again. Older versions stay on disk: a worker
+        may still be loading one.
+
+        One worker per node copies, the others wait for it and reuse its copy: the copy is made under an
+        exclusive ``flock`` on ``<bucket>/<prefix>/.lock`` (the kernel releases it when a worker dies),
+        into a ``.partial-*`` folder beside the final one, renamed into place only once every object and
+        the completion record (``.copy.json``, the listing) are in it. A folder left by a killed copy is
+        never used, and is removed by the next copier. A copy is used only while its record matches the
+        store's listing and every file has its listed size.
+
+        The copy rides out store outages like every other store call (``store.outage_tolerance_s``).
+        Base models are kept outside ``persons/``, which holds person data and is wiped on its own.
+
+        Raises:
+            ValueError: ``base_model`` is not ``s3://<bucket>/<prefix>/``, names no objects, or kept
+                changing while it was being copied.
         """
         if not base_model.startswith("s3://"):
             return base_model
-        bucket, _, prefix = base_model[len("s3://"):].partition("/")
-        prefix = prefix.rstrip("/") + "/"
-        target = self._cache_dir / bucket / prefix.strip("/")
-        complete_marker = target / ".complete"
-        if complete_marker.exists():
-            return str(target)
-        if not self.store.download_prefix(bucket, prefix, target):
-            raise ValueError(f"base_model {base_model!r} names no objects; upload a diffusers folder there first")
-        complete_marker.touch()
-        return str(target)
+        bucket, prefix = _split_s3_location(base_model)
+        model_dir = self._cache_dir / BASE_MODEL_CACHE_FOLDER / bucket / prefix.strip("/")
+        for attempt in range(1, BASE_MODEL_COPY_ATTEMPTS + 1):
+            listing = self.store.list_prefix(bucket, prefix)
+            if not listing:
+                raise ValueError(f"base_model {base_model!r} names no objects; upload a diffusers folder there first")
+            copy_dir = model_dir / f"version-{_listing_digest(listing)}"
+            if _is_complete_copy(copy_dir, listing):
+                return str(copy_dir)
+            with _exclusive_lock(model_dir / ".lock", waiting_for=f"another worker copying {base_model}"):
+                if _is_complete_copy(copy_dir, listing):  # copied by another worker while this one waited
+                    return str(copy_dir)
+                try:
+                    _copy_into_place(self.store, bucket, prefix, listing, copy_dir)
+                except ObjectChanged:
+                    logger.info("base model %s changed while it was copied (attempt %d of %d); listing it again",
+                                base_model, attempt, BASE_MODEL_COPY_ATTEMPTS)
+                    continue
+                return str(copy_dir)
+        raise ValueError(f"base_model {base_model!r} changed on every one of {BASE_MODEL_COPY_ATTEMPTS} copies; "
+                         "finish uploading the new version before starting a batch that uses it")
 
     def _train_config(self, pipe):
         from pipeline import finetune, models

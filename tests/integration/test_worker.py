@@ -103,7 +103,8 @@ def test_base_model_from_the_store_is_copied_once_and_stays_resident(base_config
     source = f"s3://{bucket}/{prefix}"
     pipe = worker._pipeline(source)
     assert models.native_resolution(pipe) == 64
-    assert (tmp_path / "cache" / bucket / prefix.strip("/") / ".complete").is_file()
+    copies = list((tmp_path / "cache" / "base-models" / bucket / prefix.strip("/")).glob("version-*/.copy.json"))
+    assert len(copies) == 1
     assert worker._pipeline(source) is pipe and worker.pipeline_loads == 1
     with pytest.raises(ValueError, match="names no objects"):
         worker._pipeline(f"s3://{bucket}/_system/base-models/missing/")
