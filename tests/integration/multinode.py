@@ -23,10 +23,13 @@ namespaces, the veths and the bridge. The cluster's description is kept in ``<ro
 Faults: :func:`kill` SIGKILLs every process of a host; :func:`partition` cuts a host off (``link``: its
 veth down, so it reaches nothing; ``ray``: blackhole routes to every other Ray host, so it still reaches
 S3 but not the head); :func:`heal` undoes a partition; :func:`restart_node` starts a host's Ray (or the
-S3 server, with its data) again.
+S3 server, with its data) again. :func:`kill_head_raylet` SIGKILLs the head's raylet with its agents and
+workers (the GCS survives, the head node is declared dead); :func:`restart_head` then does what Kubernetes
+without GCS fault tolerance does: the head restarts whole (a new GCS), each worker raylet exits when the
+new GCS refuses it, and the worker host is started again (KubeRay recreating the pod).
 
-Used by tests/integration/test_multinode.py and by ``scripts/local-cluster.sh`` (``python -m
-tests.integration.multinode up|down|kill|partition|heal|restart|status``).
+Used by tests/integration/test_multinode.py, tests/integration/test_multinode_chaos.py and by
+``scripts/local-cluster.sh`` (``python -m tests.integration.multinode up|down|kill|partition|heal|restart|status``).
 """
 
 from __future__ import annotations
@@ -543,6 +546,17 @@ def down(cluster: Cluster) -> None:
         raise ClusterError("; ".join(errors))
 
 
+def copy_logs(cluster: Cluster, destination: Path) -> Path:
+    """Copy the cluster's logs (Ray's session logs, the S3 server's, the drivers' and `ray start`'s)
+    under ``destination``, without sockets, S3 data or keys; returns where they are."""
+    target = Path(destination) / Path(cluster.root).name
+    shutil.copytree(cluster.root, target, ignore=shutil.ignore_patterns("*.sock", "sockets", "*.dat", "*.idx",
+                                                                        "*.ecx", "*.crt", "*.key", "*token*",
+                                                                        "cluster.json"),
+                    ignore_dangling_symlinks=True, dirs_exist_ok=True)
+    return target
+
+
 def links_left(cluster: Cluster) -> list[str]:
     """Namespaces and links of this cluster that still exist (after :func:`down`: none)."""
     namespaces = _ip("netns", "list").stdout
@@ -602,6 +616,79 @@ def restart_node(cluster: Cluster, name: str) -> None:
         return
     start_ray_host(cluster, name)
     wait_for_nodes(cluster, {cluster.hosts[name].address})
+
+
+def _is_raylet(pid: int) -> bool:
+    import psutil
+
+    try:
+        arguments = psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return bool(arguments) and Path(arguments[0]).name == "raylet"
+
+
+def raylet_pids(cluster: Cluster, name: str) -> set[int]:
+    """The live raylet(s) of a Ray host (none once it exited or was killed)."""
+    return {pid for pid in host_processes(cluster, name) if _is_raylet(pid)}
+
+
+def kill_head_raylet(cluster: Cluster) -> set[int]:
+    """SIGKILL the head host's raylet and every process it started (the dashboard and runtime-env
+    agents, the workers on the head: the stack's singletons, the CPU stages) at once. The GCS and the
+    head's other processes (autoscaler monitor, client server, log monitor) stay: Ray declares the head
+    node dead, and nothing but :func:`restart_head` brings a node with the head's resource back."""
+    import psutil
+
+    victims: set[int] = set()
+    for pid in raylet_pids(cluster, HEAD):
+        victims.add(pid)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            victims.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+    if not victims:
+        raise ClusterError("the head host has no raylet to kill; start it with restart_head first")
+    stop_pids(victims, grace_s=0)
+    return victims
+
+
+def restart_head(cluster: Cluster, *, worker_exit_timeout_s: float = 180.0) -> dict[str, float]:
+    """Restart the head whole, the way Kubernetes does without GCS fault tolerance, then the worker
+    hosts the way KubeRay does.
+
+    - The head container exits once its raylet died (``ray start --block`` ends with it): every process
+      left on the head host is stopped, the GCS included, and a fresh one is started: a new GCS with an
+      empty actor and node table (the state documents in S3 are all that survives).
+    - A worker node's raylet, once it reaches the new GCS, is refused (another cluster: "GCS returned an
+      authentication error") and exits, taking its workers with it. KubeRay then creates the worker pod
+      again; here each worker host is started again once its raylet has exited (hosts cut off by
+      :func:`partition` are left to the caller: heal, then :func:`restart_node`).
+
+    Returns seconds from the head's restart until each worker host's old raylet exited (host name →
+    s). Raises ClusterError if one does not exit within ``worker_exit_timeout_s``."""
+    stop_pids(host_processes(cluster, HEAD), grace_s=0)
+    # A fresh container has no record of the last cluster. This one does, and `ray start --head` refuses
+    # to start where that record names an address which processes on this machine still use (the worker
+    # raylets, until they exit).
+    Path(cluster.head.temp_dir, "ray_current_cluster").unlink(missing_ok=True)
+    restarted_at = time.monotonic()
+    start_ray_host(cluster, HEAD)
+    wait_for_nodes(cluster, {cluster.head.address})
+
+    def worker_comes_back(host: Host) -> float:
+        deadline = time.monotonic() + worker_exit_timeout_s
+        while raylet_pids(cluster, host.name):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the raylet of {host.name} did not exit within {worker_exit_timeout_s:.0f} s "
+                                   f"of the head's restart; see {host.temp_dir}/session_latest/logs/raylet.out")
+            time.sleep(0.3)
+        exited_after_s = time.monotonic() - restarted_at
+        restart_node(cluster, host.name)
+        return exited_after_s
+
+    reachable = [host for host in cluster.workers if host.name not in cluster.partitions]
+    with ThreadPoolExecutor(max_workers=max(1, len(reachable))) as pool:
+        futures = {host.name: pool.submit(worker_comes_back, host) for host in reachable}
+        return {name: future.result() for name, future in futures.items()}
 
 
 # --- a driver on the head host -------------------------------------------------------------------
