@@ -34,11 +34,12 @@ from prometheus_client import CollectorRegistry
 from cluster.jobs import PersonJob, StageResult, WorkerLost
 from cluster.webhooks import (PERSON_EVENT_STATES, WebhookDispatcher, batch_completed_event, person_event,
                               submitted_person_events)
-from monitoring.metrics import PERSON_STATES, create_pipeline_metrics, create_webhook_metrics, serve_metrics
+from monitoring.metrics import create_pipeline_metrics, create_webhook_metrics, serve_metrics
 from storage import keys
 from storage.barrier import PersonDeleted, is_deleted
 from storage.retention import file_person, load_policy, parse_time
-from storage.state import BatchState, HeadshotRecord, PersonState, StateConflict, StateStore
+from storage.state import (PERSON_STATES, RETRYABLE_PERSON_STATES, STAGE_OF_STATE, BatchState, HeadshotRecord,
+                           PersonState, StateConflict, StateStore)
 from storage.store import ArtifactStore, ObjectExists, StoredObject, utc_now_iso
 
 logger = logging.getLogger(__name__)
@@ -56,10 +57,9 @@ MAX_STATE_CONFLICTS = 5
 # Threads for blocking store calls: state writes of a large batch come in bursts, and the event loop's
 # default pool (cores + 4) would queue every person's next transition behind the whole burst.
 STORE_THREADS = 32
-NEXT_STATE = {"queued": "ingesting", "ingesting": "training", "training": "generating",
-              "generating": "packaging", "packaging": "done"}
-RETRYABLE_STATES = ("needs_photos", "failed", "cancelled")
-STAGE_BY_STATE = {"ingesting": "ingest", "training": "train", "generating": "generate", "packaging": "package"}
+# The states and the moves between them are defined once, in storage/state.py (every save is checked there).
+RETRYABLE_STATES = RETRYABLE_PERSON_STATES
+STAGE_BY_STATE = STAGE_OF_STATE
 
 
 class WorkerPool(Protocol):
@@ -590,7 +590,7 @@ class Coordinator:
                 return  # the deletion owns this person's state now
             # Snapshot inside the lock so two saves can never land out of order.
             snapshot = PersonState.from_json(person.to_json())
-            snapshot.etag = person.etag
+            snapshot.etag, snapshot.stored_state = person.etag, person.stored_state
             try:
                 # Compare-and-swap on the version we last read or wrote: a deletion's tombstone, an
                 # operator's cancel or a stale coordinator's write in between makes ours lose.
@@ -601,7 +601,7 @@ class Coordinator:
                 # Its deletion started: stop here (the deletion's tombstone replaces what we wrote).
                 self._stopped.add(key)
                 return
-            person.etag = snapshot.etag
+            person.etag, person.stored_state = snapshot.etag, snapshot.stored_state
 
     async def _is_deleted(self, key: tuple[str, str, str]) -> bool:
         """Has the person's deletion started? The store's barrier is asked, not only this process's

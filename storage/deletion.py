@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
 from storage import keys
+from storage.state import check_person_transition
 from storage.store import REMOVE_BATCH, ArtifactStore, StoredObject, StoreError, utc_now_iso
 
 DELETE_BATCH = REMOVE_BATCH
@@ -152,9 +153,16 @@ def tombstone(document: Mapping[str, Any], *, receipt_id: str, state: str | None
 def replace_with_tombstone(store: ArtifactStore, person: keys.PersonRef, document: Mapping[str, Any], *,
                            receipt_id: str, state: str | None = None, keep_outputs: bool = True
                            ) -> tuple[dict[str, Any], list[DeletedVersion]]:
-    """Write the tombstone, then delete every older version of the state document (they hold names)."""
+    """Write the tombstone, then delete every older version of the state document (they hold names).
+
+    Raises:
+        storage.state.ForbiddenTransition: the person's state machine allows no move from the
+            document's state to ``state`` (nothing is written).
+    """
     state_key = keys.person_state_key(person)
     new_document = tombstone(document, receipt_id=receipt_id, state=state, keep_outputs=keep_outputs)
+    # Written past StateStore (unconditionally: the deletion wins every race), so checked here.
+    check_person_transition(f"person {person.prefix.rstrip('/')}", document.get("state"), new_document["state"])
     written = store.put_json("state", state_key, new_document)
     bucket = store.bucket("state")
     deleted = []

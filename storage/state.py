@@ -11,10 +11,18 @@ apply its change again. A document with no ETag (made in memory, or a copy) is w
 A person's deletion barrier (:mod:`storage.barrier`) wins over every save: a person save checks it
 after writing and raises :class:`storage.barrier.PersonDeleted` (the deletion's tombstone replaces
 whatever landed); an unconditional save, which could overwrite a tombstone, checks before writing too.
+
+The states and the moves between them are defined here and nowhere else (:class:`PersonStatus`,
+:class:`BatchStatus`, :data:`PERSON_TRANSITIONS`, :data:`BATCH_TRANSITIONS`). Every save checks its move
+from the state the copy was loaded or last saved with (``stored_state``, remembered like ``etag``) and
+refuses one the table does not allow with :class:`ForbiddenTransition`, before anything is written; a
+new document may start only in an initial state. The deletion's tombstone, written past this class
+(:func:`storage.deletion.replace_with_tombstone`), is checked against the same table.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -27,17 +35,153 @@ from storage.store import (ArtifactStore, ObjectExists, ObjectNotFound, StoreErr
 
 logger = logging.getLogger(__name__)
 
-PERSON_STATES = ("queued", "ingesting", "training", "generating", "packaging",
-                 "done", "needs_photos", "failed", "cancelled", "deleted")
-FINAL_PERSON_STATES = frozenset({"done", "needs_photos", "failed", "cancelled", "deleted"})
-# "created": made over the HTTP API, waiting for its photos and an explicit start (the coordinator
-# resumes only "running" batches, so a restart never starts one early).
-BATCH_STATES = ("created", "running", "done", "cancelled", "deleted")
+class PersonStatus(enum.StrEnum):
+    """A person's state. The values are what state documents store (and JSON shows)."""
+
+    QUEUED = "queued"
+    INGESTING = "ingesting"
+    TRAINING = "training"
+    GENERATING = "generating"
+    PACKAGING = "packaging"
+    DONE = "done"
+    NEEDS_PHOTOS = "needs_photos"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DELETED = "deleted"
+
+
+class BatchStatus(enum.StrEnum):
+    """A batch's state. The values are what state documents store (and JSON shows)."""
+
+    # Made over the HTTP API, waiting for its photos and an explicit start (the coordinator resumes
+    # only running batches, so a restart never starts one early).
+    CREATED = "created"
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    DELETED = "deleted"
+
+
+_P, _B = PersonStatus, BatchStatus
+PERSON_STATES = tuple(PersonStatus)
+FINAL_PERSON_STATES = frozenset({_P.DONE, _P.NEEDS_PHOTOS, _P.FAILED, _P.CANCELLED, _P.DELETED})
+# Final states a retry runs again from the start (photos can be added to persons in them, then retried).
+RETRYABLE_PERSON_STATES = (_P.NEEDS_PHOTOS, _P.FAILED, _P.CANCELLED)
+BATCH_STATES = tuple(BatchStatus)
 # What counts against a tenant's limit of concurrent batches; kept in the open-batch index (save_batch).
-OPEN_BATCH_STATES = frozenset({"created", "running"})
+OPEN_BATCH_STATES = frozenset({_B.CREATED, _B.RUNNING})
 STAGES = ("ingest", "train", "generate", "package")
-STAGE_OF_STATE = {"ingesting": "ingest", "training": "train", "generating": "generate", "packaging": "package"}
+STAGE_OF_STATE = {_P.INGESTING: "ingest", _P.TRAINING: "train", _P.GENERATING: "generate", _P.PACKAGING: "package"}
+
+# The states a new document may be written in: a person is submitted queued (photos to be ingested, or
+# to come over the API), or needs_photos (submitted with too few usable ones); a batch is created (API)
+# or running (CLI submit).
+INITIAL_PERSON_STATES = frozenset({_P.QUEUED, _P.NEEDS_PHOTOS})
+INITIAL_BATCH_STATES = frozenset({_B.CREATED, _B.RUNNING})
+
+
+def _with_stay_and_deletion(moves: Mapping[Any, set], deleted: Any) -> dict[Any, frozenset]:
+    """Every state may also be saved again as it is (objects recorded, photos added, a coordinator that
+    restarted resumes the stage it had reached) and may be deleted; deleted is the end."""
+    table = {state: frozenset(targets | {state, deleted}) for state, targets in moves.items()}
+    table[deleted] = frozenset({deleted})
+    return table
+
+
+# The moves each writer makes, besides staying and being deleted.
+PERSON_TRANSITIONS: Mapping[PersonStatus, frozenset[PersonStatus]] = _with_stay_and_deletion({
+    # The coordinator starts ingest; a start with too few photos waits for more; cancel.
+    _P.QUEUED: {_P.INGESTING, _P.NEEDS_PHOTOS, _P.CANCELLED},
+    # Each stage leads to the next, or fails (attempts or worker losses used up), or is cancelled;
+    # ingest finds too few usable photos.
+    _P.INGESTING: {_P.TRAINING, _P.NEEDS_PHOTOS, _P.FAILED, _P.CANCELLED},
+    _P.TRAINING: {_P.GENERATING, _P.FAILED, _P.CANCELLED},
+    _P.GENERATING: {_P.PACKAGING, _P.FAILED, _P.CANCELLED},
+    _P.PACKAGING: {_P.DONE, _P.FAILED, _P.CANCELLED},
+    # `headshots more`: generate again from the stored LoRA.
+    _P.DONE: {_P.GENERATING},
+    # `headshots retry`: from the start.
+    **{state: {_P.QUEUED} for state in RETRYABLE_PERSON_STATES},
+    _P.DELETED: set(),
+}, _P.DELETED)
+
+BATCH_TRANSITIONS: Mapping[BatchStatus, frozenset[BatchStatus]] = _with_stay_and_deletion({
+    # Started (begin_batch), or cancelled before it started.
+    _B.CREATED: {_B.RUNNING, _B.CANCELLED},
+    # The coordinator finishes it, or an operator cancels it.
+    _B.RUNNING: {_B.DONE, _B.CANCELLED},
+    # A person retried or given more headshots after the batch's run ended runs the batch again.
+    _B.DONE: {_B.RUNNING},
+    _B.CANCELLED: {_B.RUNNING},
+    _B.DELETED: set(),
+}, _B.DELETED)
+
+
+class ForbiddenTransition(ValueError):
+    """A save would move a person or batch along a transition the state machine does not allow.
+
+    Attributes:
+        what: which document ("person t/b/p", "batch t/b"; ids only, never a name).
+        from_state: the state the copy was loaded or last saved with (None: a new document).
+        to_state: the state it was to be saved with.
+        allowed: the states it may be saved with.
+    """
+
+    def __init__(self, what: str, from_state: str | None, to_state: str, allowed: Iterable[str]):
+        self.what, self.from_state, self.to_state = what, from_state, to_state
+        self.allowed = tuple(allowed)
+        if from_state is None:
+            message = (f"{what} is a new document and may start only in {', '.join(self.allowed)}, "
+                       f"but its state is {to_state}")
+        else:
+            message = (f"{what} cannot go from {from_state} to {to_state}; from {from_state} it may be saved "
+                       f"as {', '.join(self.allowed)}")
+        super().__init__(message)
+
+
+def _check(what: str, status: type[enum.StrEnum], table: Mapping[Any, frozenset], initial: frozenset,
+           from_state: str | None, to_state: str) -> enum.StrEnum:
+    to_status = _parse(status, to_state, what)
+    if from_state is None:
+        allowed = initial
+    else:
+        allowed = table[_parse(status, from_state, what)]
+    if to_status not in allowed:
+        # Listed in the enum's order, so the message reads the same every time.
+        raise ForbiddenTransition(what, from_state and str(from_state), str(to_status),
+                                  [str(state) for state in status if state in allowed])
+    return to_status
+
+
+def _parse(status: type[enum.StrEnum], value: Any, what: str) -> enum.StrEnum:
+    try:
+        return status(value)
+    except ValueError:
+        raise ValueError(f"state of {what} must be one of {', '.join(status)} but is {value!r}") from None
+
+
+def check_person_transition(what: str, from_state: str | None, to_state: str) -> PersonStatus:
+    """The person state ``to_state``, if a copy loaded (or last saved) in ``from_state`` may be saved in it.
+
+    Args:
+        what: the document, for the error ("person t/b/p").
+        from_state: None for a new document (it may start only in :data:`INITIAL_PERSON_STATES`).
+
+    Raises:
+        ForbiddenTransition: :data:`PERSON_TRANSITIONS` does not allow the move.
+        ValueError: a state is not a person state.
+    """
+    return _check(what, PersonStatus, PERSON_TRANSITIONS, INITIAL_PERSON_STATES, from_state, to_state)
+
+
+def check_batch_transition(what: str, from_state: str | None, to_state: str) -> BatchStatus:
+    """As :func:`check_person_transition`, for batch states (:data:`BATCH_TRANSITIONS`)."""
+    return _check(what, BatchStatus, BATCH_TRANSITIONS, INITIAL_BATCH_STATES, from_state, to_state)
+
+
 SCHEMA_VERSION = 1
+# What a loaded copy remembers about the version it came from; never written into the document.
+IN_MEMORY_FIELDS = ("etag", "stored_state")
 
 
 class StateConflict(WriteConflict):
@@ -87,7 +231,7 @@ class PersonState:
     person_id: str
     name: str | None  # None once the state is a tombstone
     email: str | None = None
-    state: str = "queued"
+    state: PersonStatus = PersonStatus.QUEUED
     stage: str | None = None
     error: str | None = None
     attempts: dict[str, int] = field(default_factory=dict)
@@ -114,10 +258,13 @@ class PersonState:
     extra_images: dict[str, int] = field(default_factory=dict)
     # The ETag this copy was loaded or last saved at (compare-and-swap); not part of the document.
     etag: str | None = field(default=None, compare=False, repr=False)
+    # The state it was loaded or last saved with: a save is checked as a move from it (None: new).
+    stored_state: PersonStatus | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.state not in PERSON_STATES:
             raise ValueError(f"state must be one of {', '.join(PERSON_STATES)} but is {self.state!r}")
+        self.state = PersonStatus(self.state)
 
     @property
     def ref(self) -> keys.PersonRef:
@@ -137,15 +284,17 @@ class PersonState:
 
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
-        del document["etag"]
+        for name in IN_MEMORY_FIELDS:
+            del document[name]
         document["schema_version"] = SCHEMA_VERSION
         document["objects"] = [item.to_json() for item in self.objects]
         return document
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "PersonState":
-        """The document as a state; ``etag`` stays None (the store's loaders set it)."""
-        values = {name: data.get(name) for name in cls.__dataclass_fields__ if name in data and name != "etag"}
+        """The document as a state; ``etag`` and ``stored_state`` stay None (the store's loaders set them)."""
+        values = {name: data.get(name) for name in cls.__dataclass_fields__
+                  if name in data and name not in IN_MEMORY_FIELDS}
         values["photos"] = [PhotoRecord.from_json(p) for p in data.get("photos", [])]
         values["objects"] = [StoredObject.from_json(o) for o in data.get("objects", [])]
         values["headshots"] = [HeadshotRecord.from_json(h) for h in data.get("headshots", [])]
@@ -175,7 +324,7 @@ class BatchState:
     styles: list[str]
     images_per_style: int
     person_ids: list[str]
-    state: str = "running"
+    state: BatchStatus = BatchStatus.RUNNING
     created_at: str = field(default_factory=utc_now_iso)
     updated_at: str = field(default_factory=utc_now_iso)
     finished_at: str | None = None
@@ -185,21 +334,26 @@ class BatchState:
     webhooks: list[dict[str, Any]] = field(default_factory=list)
     # The ETag this copy was loaded or last saved at (compare-and-swap); not part of the document.
     etag: str | None = field(default=None, compare=False, repr=False)
+    # The state it was loaded or last saved with: a save is checked as a move from it (None: new).
+    stored_state: BatchStatus | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.state not in BATCH_STATES:
             raise ValueError(f"batch state must be one of {', '.join(BATCH_STATES)} but is {self.state!r}")
+        self.state = BatchStatus(self.state)
 
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
-        del document["etag"]
+        for name in IN_MEMORY_FIELDS:
+            del document[name]
         document["schema_version"] = SCHEMA_VERSION
         return document
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "BatchState":
-        """The document as a state; ``etag`` stays None (the store's loaders set it)."""
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data and name != "etag"})
+        """The document as a state; ``etag`` and ``stored_state`` stay None (the store's loaders set them)."""
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__
+                      if name in data and name not in IN_MEMORY_FIELDS})
 
 
 class StateStore:
@@ -221,18 +375,21 @@ class StateStore:
             The version written; ``batch.etag`` is updated to its ETag.
 
         Raises:
+            ForbiddenTransition: :data:`BATCH_TRANSITIONS` allows no move from the state ``batch`` was
+                loaded with to its state now; nothing is written.
             StateConflict: the document changed since ``batch`` was loaded (or exists, with ``if_absent``).
         """
-        batch.updated_at = utc_now_iso()
         key = keys.batch_state_key(batch.tenant, batch.batch_id)
+        what = f"batch {batch.tenant}/{batch.batch_id}"
+        batch.state = check_batch_transition(what, self._stored_state(key, batch, what), batch.state)
+        batch.updated_at = utc_now_iso()
         is_open = batch.state in OPEN_BATCH_STATES
         if is_open:
             # Marked before the document is written: a crash in between leaves a marker of a batch that
             # is not open (not counted, see count_open_batches), never an open batch without a marker.
             self._mark_open(batch.tenant, batch.batch_id)
-        stored = self._save(key, batch.to_json(), etag=batch.etag, if_absent=if_absent,
-                            what=f"batch {batch.tenant}/{batch.batch_id}")
-        batch.etag = stored.etag
+        stored = self._save(key, batch.to_json(), etag=batch.etag, if_absent=if_absent, what=what)
+        batch.etag, batch.stored_state = stored.etag, batch.state
         # An index marker per batch: listing batches never walks per-person objects.
         index_key = keys.batch_index_key(batch.tenant, batch.batch_id)
         if not self.store.exists("state", index_key):
@@ -251,7 +408,7 @@ class StateStore:
     def load_batch(self, tenant: str, batch_id: str) -> BatchState:
         document, etag = self._load(keys.batch_state_key(tenant, batch_id))
         batch = BatchState.from_json(document)
-        batch.etag = etag
+        batch.etag, batch.stored_state = etag, batch.state
         return batch
 
     def save_person(self, person: PersonState, *, if_absent: bool = False) -> StoredObject:
@@ -264,18 +421,22 @@ class StateStore:
             The version written; ``person.etag`` is updated to its ETag.
 
         Raises:
+            ForbiddenTransition: :data:`PERSON_TRANSITIONS` allows no move from the state ``person`` was
+                loaded or last saved with to its state now; nothing is written.
             StateConflict: the document changed since ``person`` was loaded or last saved (or exists,
                 with ``if_absent``); ``person.etag`` is left as it was.
             storage.barrier.PersonDeleted: the person's deletion has started; their state belongs to
                 the deletion, and the caller must stop working on them.
         """
         ref = person.ref
+        key = keys.person_state_key(ref)
+        what = f"person {ref.prefix.rstrip('/')}"
+        person.state = check_person_transition(what, self._stored_state(key, person, what), person.state)
         if person.etag is None and not if_absent:
             barrier.refuse_if_deleted(self.store, ref, "state")
         person.updated_at = utc_now_iso()
-        stored = self._save(keys.person_state_key(ref), person.to_json(), etag=person.etag,
-                            if_absent=if_absent, what=f"person {ref.prefix.rstrip('/')}")
-        person.etag = stored.etag
+        stored = self._save(key, person.to_json(), etag=person.etag, if_absent=if_absent, what=what)
+        person.etag, person.stored_state = stored.etag, person.state
         barrier.refuse_if_deleted(self.store, ref, "state")
         return stored
 
@@ -286,7 +447,7 @@ class StateStore:
     def load_person(self, tenant: str, batch_id: str, person_id: str) -> PersonState:
         document, etag = self._load(keys.person_state_key(keys.PersonRef(tenant, batch_id, person_id)))
         person = PersonState.from_json(document)
-        person.etag = etag
+        person.etag, person.stored_state = etag, person.state
         return person
 
     def load_persons(self, batch: BatchState, *, threads: int = 8) -> list[PersonState]:
@@ -295,6 +456,22 @@ class StateStore:
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             return list(pool.map(load, batch.person_ids))
+
+    def _stored_state(self, key: str, document: "PersonState | BatchState", what: str) -> str | None:
+        """The state a save of ``document`` moves from: the one it was loaded or last saved with; for a
+        copy that carries only the ETag (``from_json`` of a loaded one), the stored version's at that
+        ETag (read once). None: a new document.
+
+        Raises:
+            StateConflict: the stored version is no longer the copy's (its If-Match would fail too).
+        """
+        if document.stored_state is not None or document.etag is None:
+            return document.stored_state
+        stored, etag = self._load(key)
+        if etag.strip('"') != document.etag.strip('"'):
+            raise StateConflict(f"state of {what} was changed by another writer since it was loaded: reload it "
+                                "and apply the change again", bucket=self.store.bucket("state"), key=key)
+        return stored.get("state")
 
     def _load(self, key: str) -> tuple[Any, str]:
         data, etag = self.store.get_with_etag("state", key)

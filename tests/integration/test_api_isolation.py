@@ -285,9 +285,10 @@ def test_rate_limit_and_concurrent_batch_limit_answer_429(api_server, store):
         first = http.post("/v1/batches", json=batch_body("Ada")).json()["batch_id"]
         second = http.post("/v1/batches", json=batch_body("Grace"))
         assert second.status_code == 429 and second.json()["code"] == "too_many_batches"
-        # A batch that reaches a final state frees its place (and leaves the open-batch index).
+        # A batch that reaches a final state frees its place (and leaves the open-batch index). Never
+        # started, it can only be cancelled (or deleted): the state machine refuses created -> done.
         batch = states.load_batch(tenant, first)
-        batch.state = "done"
+        batch.state = "cancelled"
         states.save_batch(batch)
         assert not store.exists("state", keys.open_batch_key(tenant, first))
         third = http.post("/v1/batches", json=batch_body("Grace"))

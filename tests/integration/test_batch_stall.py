@@ -17,11 +17,12 @@ from headshots import client
 from storage import keys
 from storage.retention import format_time
 from storage.state import BatchState, PersonState, StateStore
+from tests.integration.state_seed import seed_person
 
 
 def _running_batch(store, tenant: str) -> BatchState:
     states = StateStore(store)
-    states.save_person(PersonState(tenant=tenant, batch_id="b1", person_id="p1", name="X", state="training"))
+    seed_person(store, PersonState(tenant=tenant, batch_id="b1", person_id="p1", name="X", state="training"))
     batch = BatchState(tenant=tenant, batch_id="b1", name="stall", base_model="tiny", styles=["office"],
                        images_per_style=1, person_ids=["p1"], state="running")
     states.save_batch(batch)

@@ -17,6 +17,7 @@ from storage.retention import file_person, format_time, parse_time
 from storage.state import PersonState, StateStore
 from tests.integration.conftest import TEST_CONSENT
 from tests.integration.ray_actors import remove_named_actors, wait_for
+from tests.integration.state_seed import seed_person
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo" / "photos"
 PERSON_CLASSES = ("uploads", "derived", "models", "outputs")
@@ -104,7 +105,7 @@ def test_a_controller_killed_mid_sweep_is_finished_by_the_next_sweep(controller,
         for number in range(12):
             person.record_object(store.put("uploads", f"{ref.prefix}uploads/{number:03d}.jpg", b"x" * 256))
             person.record_object(store.put("models", f"{ref.prefix}checkpoints/train-state.pt", b"y" * 256))
-        StateStore(store).save_person(person)
+        seed_person(store, person)  # as the run that processed it left it
         file_person(store, ref, processed + timedelta(days=30), reason="test")
     now = format_time(processed + timedelta(days=31))
 

@@ -33,6 +33,7 @@ from storage.store import ArtifactStore
 from storage.sweep import delete_on_request, run_sweep
 from tests.integration.conftest import TEST_CONSENT
 from tests.integration.deletion_audit import PERSON_CLASSES, assert_erased, make_photo
+from tests.integration.state_seed import seed_person
 
 DOWN_S = 30.0
 # Generous: the deletion waits out DOWN_S plus the server's stop and start; this only bounds a hang.
@@ -189,7 +190,7 @@ def test_a_retention_sweep_waits_out_a_30_s_outage_and_receipts_every_version_on
         for number in range(2):
             person.record_object(scope.put("uploads", keys.upload_key(person.ref, 0, ".jpg"), b"photo %d" % number))
         _write_versions(store, setup_keys, person)
-        states.save_person(person)
+        seed_person(store, person)  # as the run that processed it left it
         states.save_person(person)  # older state versions hold the name too
         file_person(store, person.ref, min(policy.due_times(tenant, PROCESSED_AT).values()), reason="processed")
         persons.append(person)

@@ -16,6 +16,7 @@ from storage.receipts import list_receipts, load_receipt, pending_intents, verif
 from storage.retention import (RetentionPolicy, due_entries, file_person, format_time, load_policy)
 from storage.state import PersonState, StateStore
 from storage.sweep import DeletionHooks, run_sweep
+from tests.integration.state_seed import seed_person
 
 T0 = datetime(2026, 3, 1, 9, 30, tzinfo=timezone.utc)
 DAY = timedelta(days=1)
@@ -39,9 +40,8 @@ def make_person(store, tenant: str, person_id: str, *, processed_at: datetime | 
     if delete_marker:
         store.client.remove_object(store.bucket("models"), keys.lora_key(ref))  # a bare delete marker
         store.put("models", keys.lora_key(ref) + ".tmp", b"x")  # a version nobody recorded
-    states = StateStore(store)
-    states.save_person(person)
-    states.save_person(person)  # older versions of the state document hold the name too
+    seed_person(store, person)  # as the run that processed it left it
+    StateStore(store).save_person(person)  # older versions of the state document hold the name too
     if processed_at is not None:
         # Filed as the coordinator files a processed person: under its first due day.
         file_person(store, ref, min(policy.due_times(tenant, processed_at).values()), reason="processed")
