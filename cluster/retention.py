@@ -178,10 +178,10 @@ class RetentionController:
         return overdue
 
     def _mark_batches_deleted(self, persons: list[keys.PersonRef]) -> None:
-        from storage.state import StateStore
+        from storage.state import BatchStatus, StateStore
 
         states = StateStore(self.store)
         for tenant, batch_id in sorted({(p.tenant, p.batch_id) for p in persons}):
             batch = states.load_batch(tenant, batch_id)
-            batch.state = "deleted"
+            batch.state = BatchStatus.DELETED
             states.save_batch(batch)

@@ -744,9 +744,12 @@ def watch(config, batch_id: str, *, tenant: str | None = None) -> dict[str, Any]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from headshots import client
+    from storage.state import FINAL_PERSON_STATES, STAGE_OF_STATE, STAGES, PersonStatus
 
-    stage_order = ["ingest", "train", "generate", "package"]
-    reached = {"queued": 0, "ingesting": 0, "training": 1, "generating": 2, "packaging": 3, "done": 4}
+    stage_order = list(STAGES)
+    # Stages a person in each state has finished.
+    reached = {PersonStatus.QUEUED: 0, **{state: STAGES.index(stage) for state, stage in STAGE_OF_STATE.items()},
+               PersonStatus.DONE: len(STAGES)}
     console = Console(stderr=False)
     summary = client.batch_status(config, batch_id, tenant=tenant)
     total = len(summary["persons"])
@@ -765,14 +768,14 @@ def watch(config, batch_id: str, *, tenant: str | None = None) -> dict[str, Any]
         while True:
             for stage_index, stage in enumerate(stage_order):
                 finished = sum(1 for p in summary["persons"]
-                               if p["state"] in ("needs_photos", "failed", "cancelled")
+                               if p["state"] in FINAL_PERSON_STATES
                                or reached.get(p["state"], 0) > stage_index)
                 progress.update(stage_tasks[stage], completed=finished)
             for person in summary["persons"]:
                 task = person_tasks.get(person["person_id"])
                 if task is None:
                     continue
-                final = person["state"] in ("done", "needs_photos", "failed", "cancelled")
+                final = person["state"] in FINAL_PERSON_STATES
                 note = person["state"] + (f" ({person['headshots']} headshots)" if person["headshots"] else "")
                 if person.get("eta_seconds") is not None:
                     note += f" ETA {format_eta(person['eta_seconds'])}"

@@ -26,7 +26,8 @@ from storage.barrier import PersonDeleted, refuse_if_deleted
 from storage.crypto import KeyDestroyed, PersonKeyStore, key_store_for
 from storage.retention import RetentionPolicy, file_person, load_policy, parse_time
 from storage.scoped import PersonScope
-from storage.state import BatchState, PersonState, PhotoRecord, StateConflict, StateStore
+from storage.state import (FINAL_PERSON_STATES, RETRYABLE_PERSON_STATES, BatchState, BatchStatus, PersonState,
+                           PersonStatus, PhotoRecord, StateConflict, StateStore)
 from storage.store import ArtifactStore, ObjectExists, ObjectNotFound, utc_now_iso
 
 UPLOAD_THREADS = 8
@@ -125,7 +126,7 @@ def upload_person(store: ArtifactStore, config, *, tenant: str, batch_id: str, s
         person.last_upload_at = utc_now_iso()
         index += 1
     if person.photos_accepted < config.ingest.min_photos:
-        person.state = "needs_photos"
+        person.state = PersonStatus.NEEDS_PHOTOS
         person.error = (f"{person.photos_accepted} usable photo(s); at least {config.ingest.min_photos} needed: "
                         "add photos and retry")
         person.processed_at = utc_now_iso()
@@ -164,7 +165,7 @@ def submit_batch(config, manifest: BatchManifest, *, start: bool = True) -> Subm
         persons = list(pool.map(upload, manifest.persons))
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         list(pool.map(states.save_person, persons))
-    batch = batch_state_from_manifest(manifest, batch_id, persons, state="running")
+    batch = batch_state_from_manifest(manifest, batch_id, persons, state=BatchStatus.RUNNING)
     states.save_batch(batch)
     if start:
         start_batch(config, manifest.tenant, batch_id)
@@ -175,7 +176,8 @@ def submit_batch(config, manifest: BatchManifest, *, start: bool = True) -> Subm
                                  for p in persons])
 
 
-ADD_PHOTOS_STATES = ("needs_photos", "failed", "cancelled")
+# Photos can be added to persons a retry runs again (storage/state.py), then they are retried.
+ADD_PHOTOS_STATES = RETRYABLE_PERSON_STATES
 MAX_PHOTO_WRITE_ATTEMPTS = 20
 
 
@@ -226,7 +228,7 @@ def create_batch(config, manifest: BatchManifest, *, batch_id: str | None = None
         persons.append(person)
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         list(pool.map(states.save_person, persons))
-    batch = batch_state_from_manifest(manifest, batch_id, persons, state="created")
+    batch = batch_state_from_manifest(manifest, batch_id, persons, state=BatchStatus.CREATED)
     states.create_batch(batch)
     return SubmitResult(tenant=manifest.tenant, batch_id=batch_id, persons=[_person_result(p) for p in persons])
 
@@ -341,14 +343,14 @@ def begin_batch(config, tenant: str, batch_id: str, *, store: ArtifactStore | No
     store = store or store_for(config)
     states = StateStore(store)
     batch = states.load_batch(tenant, batch_id)
-    if batch.state not in ("created", "running"):
+    if batch.state not in (BatchStatus.CREATED, BatchStatus.RUNNING):
         raise ValueError(f"batch {batch_id!r} is {batch.state}; only a created batch can be started")
     if batch.state == "created":
         for person in states.load_persons(batch):
             for attempt in range(START_CONFLICT_RETRIES + 1):
                 if not (person.state == "queued" and person.photos_accepted < config.ingest.min_photos):
                     break
-                person.state = "needs_photos"
+                person.state = PersonStatus.NEEDS_PHOTOS
                 person.error = (f"{person.photos_accepted} usable photo(s); at least {config.ingest.min_photos} "
                                 "needed: add photos and retry")
                 person.processed_at = utc_now_iso()
@@ -362,7 +364,7 @@ def begin_batch(config, tenant: str, batch_id: str, *, store: ArtifactStore | No
                         raise
                     # A concurrent start did it first, or a photo arrived: decide again on what is stored.
                     person = states.load_person(tenant, batch_id, person.person_id)
-        batch.state = "running"
+        batch.state = BatchStatus.RUNNING
         try:
             states.save_batch(batch)
         except StateConflict:
@@ -464,7 +466,7 @@ def batch_status(config, batch_id: str, *, tenant: str | None = None,
     summary["stalled_since"] = stalled_since
     summary["hint"] = STALLED_HINT if stalled_since else None
     for person in summary["persons"]:
-        final = person["state"] in ("done", "needs_photos", "failed", "cancelled", "deleted")
+        final = person["state"] in FINAL_PERSON_STATES
         person["eta_seconds"] = None if final or not live else etas.get(person["person_id"])
     return summary
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage.state import StateStore
+from storage.state import OPEN_BATCH_STATES, BatchStatus, StateStore
 
 
 class OperationRefused(ValueError):
@@ -68,8 +68,8 @@ def cancel(resolved, states: StateStore, *, tenant: str, batch_id: str, person_i
                               [{"tenant": tenant, "batch_id": batch_id, "person_id": p} for p in person_ids])
     if not person_id:
         batch = states.load_batch(tenant, batch_id)
-        if batch.state in ("running", "created"):
-            batch.state = "cancelled"
+        if batch.state in OPEN_BATCH_STATES:
+            batch.state = BatchStatus.CANCELLED
             states.save_batch(batch)
     return result
 

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 STAGE_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-PERSON_STATES = ("queued", "ingesting", "training", "generating", "packaging",
-                 "done", "needs_photos", "failed", "cancelled", "deleted")
 ARTIFACT_CLASSES = ("uploads", "derived", "models", "outputs", "state", "receipts")
 IDENTITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 1.0)
 SWEEP_BUCKETS_S = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)

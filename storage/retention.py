@@ -19,6 +19,7 @@ from typing import Any, Iterator, Mapping
 import yaml
 
 from storage import keys
+from storage.state import FINAL_PERSON_STATES, PersonStatus
 from storage.store import ArtifactStore, ObjectNotFound
 
 EXPIRING_CLASSES = ("uploads", "derived", "models", "outputs")
@@ -138,10 +139,10 @@ def clock_start(person_state: Mapping[str, Any]) -> datetime | None:
 
     Processed persons count from ``processed_at``; a person waiting for photos from its last upload.
     """
-    if person_state.get("state") == "needs_photos":
+    if person_state.get("state") == PersonStatus.NEEDS_PHOTOS:
         moment = person_state.get("last_upload_at") or person_state.get("processed_at")
         return parse_time(moment) if moment else None
-    if person_state.get("state") in ("done", "failed", "cancelled", "deleted") and person_state.get("processed_at"):
+    if person_state.get("state") in FINAL_PERSON_STATES and person_state.get("processed_at"):
         return parse_time(person_state["processed_at"])
     return None
 
