@@ -130,14 +130,18 @@ def _head_lease(node_id: str) -> HeadLease:
 
 
 def _actor_node(handle) -> str | None:
-    """The id of the node Ray's actor table places the actor on; None while it has none (restarting)."""
+    """The id of the node a live actor runs on, from Ray's actor table; None unless it is ALIVE: while
+    an actor restarts, the table names the node Ray is trying to place it on (one whose GPU may still
+    be taken), not the one it ran on."""
     from ray._private.state import actors
 
     try:
         record = actors(handle._actor_id.hex())
     except Exception:  # noqa: BLE001 - the GCS is busy or away: unknown
         return None
-    node_id = ((record or {}).get("Address") or {}).get("NodeID") or ""
+    if (record or {}).get("State") != "ALIVE":
+        return None
+    node_id = (record.get("Address") or {}).get("NodeID") or ""
     return node_id if node_id.strip("0f") else None  # an unset id reads as all zeros or all f's
 
 
@@ -590,12 +594,24 @@ class RetentionControllerActor(RetentionController):
         threading.Thread(target=lambda: own_handle.start.remote(), daemon=True).start()
 
     def _stop_persons(self, persons) -> None:
+        # Where every worker is as the deletion starts: a node lost during it (the stop below can take
+        # a while) may already be gone from Ray's actor table when the workers are asked to purge.
+        self._note_worker_nodes(existing_gpu_workers(self._namespace))
         try:
             coordinator = ray.get_actor(COORDINATOR_NAME, namespace=self._namespace)
         except ValueError:
             return  # no coordinator: nothing is running
         ray.get(coordinator.stop_persons.remote(
             [{"tenant": p.tenant, "batch_id": p.batch_id, "person_id": p.person_id} for p in persons]))
+
+    def _note_worker_nodes(self, workers: list) -> dict[str, Any]:
+        """Remember the node Ray's actor table places each worker on; returns worker id → handle."""
+        handles = {f"gpu-{index}": handle for index, handle in enumerate(workers)}
+        for worker_id, handle in handles.items():
+            node_id = _actor_node(handle)
+            if node_id is not None:
+                self._worker_nodes[worker_id] = node_id
+        return handles
 
     def _purge_workers(self, persons) -> dict[str, list[dict[str, Any]]]:
         """Every GPU worker purges these persons, all asked at once and waited for together at most
@@ -607,11 +623,7 @@ class RetentionControllerActor(RetentionController):
             ``{"workers": [one entry per worker], "nodes": [one entry per node]}`` for the receipt.
         """
         prefixes = [p.prefix for p in persons]
-        handles = {f"gpu-{index}": handle for index, handle in enumerate(existing_gpu_workers(self._namespace))}
-        for worker_id, handle in handles.items():
-            node_id = _actor_node(handle)
-            if node_id is not None:
-                self._worker_nodes[worker_id] = node_id
+        handles = self._note_worker_nodes(existing_gpu_workers(self._namespace))
         # Ray's retries stay on: a worker that dies mid-purge purges again once restarted. An unanswered
         # call is not withdrawn either: a worker that was only slow runs it when it gets to it.
         calls = {worker_id: handle.purge.remote(prefixes) for worker_id, handle in handles.items()}
