@@ -52,6 +52,12 @@ class PersonDeleted(PersonRevoked):
             f"person {person.prefix} has been deleted (or is being deleted): nothing more can be stored for "
             f"them{detail}; their ids cannot be used again, so add the person to a new batch instead")
         self.person = person
+        self.what = what
+
+    def __reduce__(self):
+        # Rebuilt from its own arguments, not the message: it crosses Ray from a GPU worker to the
+        # coordinator, which must recognise it (a worker that refused a deleted person's stage).
+        return type(self), (self.person, self.what)
 
 
 def barrier_key(person: PersonRef) -> str:
