@@ -118,9 +118,42 @@ def remove_stack() -> None:
         remove_named_actors(ray, _config.ray.namespace)
 
 
+def delete_person(tenant: str, batch_id: str, person_id: str, include_outputs: bool = True,
+                  timeout_s: float = 600.0) -> dict[str, Any]:
+    """An early deletion through the retention controller, as ``headshots delete`` asks for it."""
+    from cluster.actors import RETENTION_NAME
+
+    controller = ray.get_actor(RETENTION_NAME, namespace=_config.ray.namespace)
+    return ray.get(controller.delete.remote(tenant, batch_id, person_id, include_outputs, "multinode-test"),
+                   timeout=timeout_s)
+
+
+def train_on_node(node_ip: str, tenant: str, batch_id: str, person_id: str) -> dict[str, Any]:
+    """Send a fine-tune of this person straight to the GPU worker on ``node_ip`` (with the coordinator's
+    current epoch); returns ``{"ran": True}`` or the name of the exception the stage raised."""
+    from cluster.actors import existing_gpu_workers
+    from cluster.jobs import PersonJob
+
+    for worker in existing_gpu_workers(_config.ray.namespace):
+        try:
+            info = ray.get(worker.info.options(max_task_retries=0).remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - not answering: not the one asked for
+            continue
+        if info["node_ip"] != node_ip:
+            continue
+        job = PersonJob(tenant=tenant, batch_id=batch_id, person_id=person_id, base_model="tiny", styles=("office",),
+                        images_per_style=1, epoch=coordinator_epoch())
+        try:
+            ray.get(worker.train.options(max_task_retries=0).remote(job), timeout=300)
+        except ray.exceptions.RayTaskError as error:
+            return {"ran": False, "error": type(error.cause).__name__, "worker_id": info["worker_id"]}
+        return {"ran": True, "worker_id": info["worker_id"]}
+    raise LookupError(f"no GPU worker answers on node {node_ip}")
+
+
 FUNCTIONS = {function.__name__: function for function in (
     ping, nodes, gpu_task_nodes, actor_nodes, start_stack, wait_gpu_workers, gpu_workers, submit, coordinator_epoch,
-    remove_stack)}
+    remove_stack, delete_person, train_on_node)}
 
 
 def main(argv: list[str]) -> None:

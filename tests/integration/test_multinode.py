@@ -332,6 +332,74 @@ def test_a_worker_node_cut_off_mid_generation_finishes_elsewhere_and_writes_noth
     workers = driver.call("wait_gpu_workers", 2)
     assert sorted(info["node_ip"] for info in workers) == sorted(h.address for h in cluster.workers)
 
+def _person_files(node_cache: Path, person: PersonRef) -> list[Path]:
+    """Files of this person anywhere under a node's persons/ folder (any worker's folder, or bare)."""
+    persons = node_cache / "persons"
+    return [path for path in persons.rglob("*") if path.is_file()
+            and person.prefix.rstrip("/") in path.relative_to(persons).as_posix()] if persons.exists() else []
+
+
+def test_an_early_deletion_while_a_worker_node_is_cut_off_completes_and_the_node_returns_without_the_person(
+        cluster, driver, stack, config, store, tenant):
+    """The deletion does not wait for the cut-off node: the other node confirms its purge, the cut-off
+    one is recorded as not confirmed with how it is covered. Healed, its stale worker exits; restarted,
+    its new worker wipes the person's files from the node's disk at start and refuses the person."""
+    from storage.receipts import load_receipt, verify_receipt
+
+    submitted = _submit(config, tenant, 1, images_per_style=1)
+    person = PersonRef(submitted.tenant, submitted.batch_id, "p0")
+    workers = {info["node_ip"]: info for info in driver.call("wait_gpu_workers", 2)}
+    victim, other = cluster.workers[0], cluster.workers[1]
+    # A copy of the person on each node's disk, where a worker keeps person files.
+    planted = {}
+    for host in (victim, other):
+        folder = Path(cluster.root) / "node-cache" / host.name / "persons" / person.prefix
+        folder.mkdir(parents=True, exist_ok=True)
+        planted[host.name] = folder / "lora.safetensors"
+        planted[host.name].write_bytes(b"a person's LoRA, as a worker would keep it")
+
+    multinode.partition(cluster, victim.name, mode="ray")
+    result = driver.call("delete_person", person.tenant, person.batch_id, person.person_id, True)
+    multinode.wait_for_nodes(cluster, {victim.address}, alive=False)
+    assert result["verification"]["listing_count"] == 0
+    receipt = load_receipt(store, result["receipt_id"])
+    assert verify_receipt(store, receipt.receipt_id)["verified"]
+    print(f"receipt nodes: {receipt.nodes}")
+    nodes = {node["node_id"]: node for node in receipt.nodes}
+    confirmed = nodes[workers[other.address]["node_id"]]
+    assert confirmed["confirmed"] and confirmed["outcome"] == "confirmed" and confirmed["coverage"] is None
+    assert [(w["worker_id"], w["purged"], w["local_files_removed"]) for w in confirmed["workers"]] == [
+        (workers[other.address]["worker_id"], True, 1)]
+    assert not planted[other.name].exists()
+    cut_off = nodes[workers[victim.address]["node_id"]]
+    assert cut_off["address"] == victim.address and cut_off["confirmed"] is False
+    assert cut_off["outcome"] == "node_dead" and cut_off["state"] == "dead"
+    assert [(w["worker_id"], w["purged"]) for w in cut_off["workers"]] == [(workers[victim.address]["worker_id"], False)]
+    assert cut_off["coverage"]["barriers_in_store"] is True
+    assert cut_off["coverage"]["mechanisms"] == ["deletion_barrier", "person_files_wiped_at_worker_start",
+                                                 "cut_off_worker_self_fences", "raylet_exits_when_node_returns"]
+    assert [n["address"] for n in result["nodes"]["not_confirmed"]] == [victim.address]
+    # The cut-off node could not be told: its copy is still on its disk.
+    assert planted[victim.name].exists()
+
+    multinode.heal(cluster, victim.name)
+    stale_pid = workers[victim.address]["pid"]
+    wait_for(lambda: stale_pid not in multinode.host_processes(cluster, victim.name), 120,
+             "the stale worker to exit once its node hears it was declared dead")
+    multinode.restart_node(cluster, victim.name)
+    back = {info["node_ip"]: info for info in driver.call("wait_gpu_workers", 2)}
+    assert sorted(back) == sorted(host.address for host in cluster.workers)
+    returned = back[victim.address]
+    assert returned["pid"] != stale_pid and returned["start_wipe"]["folders_removed"] >= 1, returned
+    assert _person_files(Path(cluster.root) / "node-cache" / victim.name, person) == []
+    # The returned node's worker asks the store before any stage: the person is deleted.
+    assert driver.call("train_on_node", victim.address, person.tenant, person.batch_id, person.person_id) == {
+        "ran": False, "error": "PersonDeleted", "worker_id": returned["worker_id"]}
+    for artifact in ("uploads", "derived", "models", "outputs"):
+        assert not store.list_versions(artifact, person.prefix), artifact
+    assert store.get_json("state", keys.person_state_key(person))["state"] == "deleted"
+
+
 def test_down_stops_every_process_and_removes_namespaces_and_links(cluster):
     """Last in this module: the cluster goes away completely (the fixture's own down is then a no-op)."""
     multinode.down(cluster)
