@@ -21,6 +21,7 @@ from headshots import client
 from headshots.manifest import BatchManifest, PersonSpec
 from storage import keys
 from storage.state import StateStore
+from tests.integration.batch_counts import person_state_versions
 from tests.integration.conftest import TEST_CONSENT
 from tests.integration.ray_actors import remove_named_actors, wait_for
 
@@ -97,12 +98,6 @@ class ChaosDriver:
                 self.errors.append(f"{type(error).__name__}: {error}")
 
 
-def _person_state_versions(store, person_ref) -> list[dict]:
-    key = keys.person_state_key(person_ref)
-    versions = [version for k, version, marker in store.list_versions("state", key) if k == key and not marker]
-    return [json.loads(store.get("state", key, version_id=version)) for version in versions]
-
-
 def test_a_batch_under_chaos_finishes_every_person_exactly_once(ray_cluster, chaos_config, store, s3_server,
                                                                s3_restarter):
     import ray
@@ -147,7 +142,7 @@ def test_a_batch_under_chaos_finishes_every_person_exactly_once(ray_cluster, cha
     for person in persons:
         # Done exactly once: of all the versions its state document went through, one says done
         # (a second would mean the person was processed to the end twice).
-        history = [version["state"] for version in _person_state_versions(store, person.ref)]
+        history = [version["state"] for version in person_state_versions(store, person.ref)]
         assert history.count("done") == 1, (person.person_id, history)
 
         # Every expected headshot present exactly once: the right keys, one version each, and the

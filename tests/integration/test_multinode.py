@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import secrets
 import shutil
 import time
@@ -29,7 +28,10 @@ from storage import keys
 from storage.keys import PersonRef
 from storage.state import StateStore
 from tests.integration import multinode
-from tests.integration.conftest import TEST_CONSENT, read_version
+from tests.integration.batch_counts import assert_every_person_exactly_once
+from tests.integration.batch_counts import checkpoint_steps as _checkpoint_steps
+from tests.integration.batch_counts import checkpoint_versions as _checkpoint_versions
+from tests.integration.conftest import TEST_CONSENT
 from tests.integration.ray_actors import wait_for
 
 pytestmark = [
@@ -129,54 +131,15 @@ def _submit(config, tenant: str, count: int, images_per_style: int):
     return client.submit_batch(config, manifest, start=False)
 
 
-def _person_state_versions(store, person_ref) -> list[dict]:
-    key = keys.person_state_key(person_ref)
-    versions = [version for k, version, marker in store.list_versions("state", key) if k == key and not marker]
-    return [json.loads(store.get("state", key, version_id=version)) for version in versions]
-
-
 def _all_versions(store, prefix: str) -> set[tuple[str, str, str]]:
     """(artifact, key, version id) of every version under ``prefix`` in the classes stages write."""
     return {(artifact, key, version) for artifact in ("derived", "models", "outputs")
             for key, version, marker in store.list_versions(artifact, prefix) if not marker}
 
 
-def _checkpoint_versions(store, person: PersonRef) -> list[str]:
-    key = keys.checkpoint_key(person)
-    return [version for k, version, marker in store.list_versions("models", key) if k == key and not marker]
-
-
-def _checkpoint_steps(store, key_store, person: PersonRef, versions: list[str] | None = None) -> list[int]:
-    """The training step of each checkpoint version (all of them, or ``versions``)."""
-    from pipeline.finetune import TrainCheckpoint
-
-    key = keys.checkpoint_key(person)
-    return [TrainCheckpoint.from_bytes(read_version(store, key_store, "models", key, version)).step
-            for version in (_checkpoint_versions(store, person) if versions is None else versions)]
-
-
 def _assert_every_person_exactly_once(store, batch_id: str, tenant: str, *, count: int, images: int) -> list:
-    """Done, each person once (one `done` in its state history), each headshot key one version and all
-    of them recorded in the person's state, LoRA trained to the last step."""
-    states = StateStore(store)
-    batch = states.load_batch(tenant, batch_id)
-    persons = states.load_persons(batch)
-    summary = [(p.person_id, p.state, p.error, p.attempts, p.timings_s) for p in persons]
-    print(f"persons: {summary}")
-    assert batch.state == "done", summary
-    assert [p.state for p in persons] == ["done"] * count, summary
-    for person in persons:
-        history = [version["state"] for version in _person_state_versions(store, person.ref)]
-        assert history.count("done") == 1, (person.person_id, history)
-        expected = {keys.headshot_key(person.ref, "office", h.index, h.seed) for h in person.headshots}
-        assert sorted(h.index for h in person.headshots) == list(range(images)), person.person_id
-        stored = store.list_versions("outputs", person.ref.prefix + "headshots/")
-        assert sorted(key for key, _, _ in stored) == sorted(expected), (person.person_id, stored)
-        recorded = {(o.key, o.version_id) for o in person.objects if o.artifact == "outputs"}
-        assert {(key, version) for key, version, _ in stored} <= recorded, person.person_id
-        assert person.train_steps_done == TRAINING["steps"], person.person_id
-        assert store.list_versions("models", keys.lora_key(person.ref)), person.person_id
-    return persons
+    return assert_every_person_exactly_once(store, batch_id, tenant, count=count, images=images,
+                                            steps=TRAINING["steps"])
 
 
 def _wait_done(store, tenant: str, batch_id: str, timeout_s: float = 600) -> None:
