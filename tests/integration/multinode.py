@@ -68,8 +68,22 @@ ETH = "e0"
 # Fixed ports: each host is a fresh namespace, so nothing else can hold them.
 RAY_PORT = 6379
 RAY_CLIENT_PORT = 10001
-S3_PORT = 8333
-S3_OTHER_PORTS = {"master": 9333, "volume": 8080, "filer": 8888, "admin": 23646}
+# The S3 server's ports are the cluster's own, although its host is a namespace of its own: weed
+# also serves each gRPC port P+10000 on a unix socket at a fixed path, /tmp/seaweedfs-<component>-grpc-
+# <P+10000>.sock, and /tmp is shared by every namespace. Two clusters on the same ports (two test runs
+# at once) took over each other's sockets, and their components then met the other cluster's CA
+# ("x509: certificate signed by unknown authority", HTTP 500 on S3). Derived from the cluster's subnet
+# octet, unique among the clusters up, and outside storage.seaweed's range for one-machine servers.
+S3_PORTS_BASE = 40000
+S3_COMPONENTS = ("s3", "master", "volume", "filer", "admin")
+
+
+def s3_ports(octet: int) -> dict[str, int]:
+    """The S3 server's HTTP port per component for the cluster on 10.251.<octet>.0/24 (gRPC: +10000)."""
+    base = S3_PORTS_BASE + octet * len(S3_COMPONENTS)
+    return {component: base + index for index, component in enumerate(S3_COMPONENTS)}
+
+
 # How long Ray takes to declare a node dead once its raylet stops answering: the GCS checks every
 # period, each check may take up to the timeout, and after `threshold` failures in a row the node is
 # dead (its actors restart elsewhere, its tasks are retried). Ray's own defaults (3 s, 10 s, 5) take
@@ -373,13 +387,13 @@ def _start_s3(cluster: Cluster) -> None:
         cluster.s3_access_key = "hs" + secrets.token_hex(8)
         cluster.s3_secret_key = secrets.token_urlsafe(30)
         cluster.s3_ca_file = str(tls / "ca.crt")
-        cluster.s3_endpoint = f"{host.address}:{S3_PORT}"
+        cluster.s3_endpoint = f"{host.address}:{s3_ports(cluster.octet)['s3']}"
     cert_file, key_file = tls / "s3.crt", tls / "s3.key"
-    ports = S3_OTHER_PORTS
+    ports = s3_ports(cluster.octet)
     command = [
         weed_binary(), "mini", f"-dir={data_dir}", f"-ip={host.address}", f"-ip.bind={host.address}",
         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-        f"-s3.port={S3_PORT}", f"-admin.port={ports['admin']}",
+        f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}",
         "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false",
         "-master.telemetry=false", "-master.volumeSizeLimitMB=1024", "-volume.max=0",
         f"-s3.localSocket={data_dir / 's3.sock'}", f"-filer.localSocket={data_dir / 'filer.sock'}",
