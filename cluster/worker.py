@@ -10,7 +10,6 @@ holds (:func:`wipe_unowned_person_files`): nothing there is needed across a rest
 down or cut off while a person was deleted must not keep their files when it comes back. Base models
 (the rest of the node cache) are kept.
 
-
 With crypto-erasure on, the worker holds a :class:`storage.crypto.PersonKeyStore` (``self.key_store``);
 a person's data key is cached only while a stage for them runs, and dropped when it returns or fails.
 
