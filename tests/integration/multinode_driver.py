@@ -118,6 +118,47 @@ def remove_stack() -> None:
         remove_named_actors(ray, _config.ray.namespace)
 
 
+def run_batch_watched(tenant: str, batch_id: str, poll_s: float = 0.1, timeout_s: float = 1800.0) -> dict[str, Any]:
+    """Submit a stored batch and watch the GPU workers until its run ends (for bench/multinode_scaling.py).
+
+    Returns the submit time (epoch seconds, this host's clock, taken just before the coordinator's
+    ``submit``), the final batch state and each worker's ``info()`` before and after (``busy_s`` counts
+    the seconds its stages ran), with the stages seen in its ``running`` field, sampled every
+    ``poll_s``: a stage shorter than the sampling period can be missed, so callers compare the count
+    with the stages the batch needed.
+    """
+    from cluster.actors import COORDINATOR_NAME, existing_gpu_workers
+
+    workers = existing_gpu_workers(_config.ray.namespace)
+    before = ray.get([worker.info.remote() for worker in workers], timeout=60)
+    seen: dict[str, set[str]] = {info["worker_id"]: set() for info in before}
+    coordinator = ray.get_actor(COORDINATOR_NAME, namespace=_config.ray.namespace)
+    submitted_at = time.time()
+    started = time.monotonic()
+    ray.get(coordinator.submit.remote(tenant, batch_id), timeout=120)
+    finished = coordinator.wait.remote(tenant, batch_id, timeout_s)
+    while not ray.wait([finished], timeout=poll_s)[0]:
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"batch {batch_id} did not finish within {timeout_s:.0f} s")
+        refs = [worker.info.options(max_task_retries=0).remote() for worker in workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+        for ref in ready:
+            try:
+                info = ray.get(ref)
+            except Exception:  # noqa: BLE001 - a worker restarting: nothing to sample this round
+                continue
+            if info.get("running"):
+                seen.setdefault(info["worker_id"], set()).add(info["running"])
+    polled_wall_s = time.monotonic() - started
+    state = ray.get(finished)
+    after = ray.get([worker.info.remote() for worker in workers], timeout=60)
+    return {"submitted_at": submitted_at, "polled_wall_s": polled_wall_s, "state": state,
+            "workers": [{"worker_id": a["worker_id"], "node_ip": a["node_ip"], "pid": a["pid"],
+                         "busy_s_before": b["busy_s"], "busy_s_after": a["busy_s"],
+                         "seen": sorted(seen.get(a["worker_id"], ()))}
+                        for b, a in zip(before, after)]}
+
+
 def delete_person(tenant: str, batch_id: str, person_id: str, include_outputs: bool = True,
                   timeout_s: float = 600.0) -> dict[str, Any]:
     """An early deletion through the retention controller, as ``headshots delete`` asks for it."""
@@ -153,7 +194,7 @@ def train_on_node(node_ip: str, tenant: str, batch_id: str, person_id: str) -> d
 
 FUNCTIONS = {function.__name__: function for function in (
     ping, nodes, gpu_task_nodes, actor_nodes, start_stack, wait_gpu_workers, gpu_workers, submit, coordinator_epoch,
-    remove_stack, delete_person, train_on_node)}
+    remove_stack, run_batch_watched, delete_person, train_on_node)}
 
 
 def main(argv: list[str]) -> None:
