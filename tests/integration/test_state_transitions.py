@@ -41,7 +41,7 @@ from storage.store import ArtifactStore
 from storage.sweep import DeletionHooks
 from tests.integration.conftest import TEST_CONSENT
 from tests.integration.deletion_audit import make_photo
-from tests.integration.test_coordinator_failures import ScriptedPool
+from tests.integration.scripted_pool import ScriptedPool
 
 PERSONS = ("ada", "bob")
 # One round of waiting for the coordinator to react: far more than any reaction takes; reaching it means

@@ -22,7 +22,7 @@ from headshots.config import WebhooksConfig
 from monitoring.metrics import create_webhook_metrics
 from storage import keys
 from storage.state import BatchState, PersonState, PhotoRecord, StateStore
-from tests.integration.test_coordinator_failures import ScriptedPool
+from tests.integration.scripted_pool import ScriptedPool
 from tests.integration.webhook_receiver import Receiver
 
 # The receivers here listen on 127.0.0.1, which deliveries are refused unless allowed explicitly.

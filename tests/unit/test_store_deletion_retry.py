@@ -11,7 +11,7 @@ import pytest
 
 from storage.deletion import purge_prefix
 from storage.store import REMOVE_BATCH, ArtifactStore, RemoveFailure, StoreError, StoreUnavailable
-from tests.unit.test_store_retry import BUCKETS, FakeClock, dropped, refused, s3_error
+from tests.unit.store_fakes import BUCKETS, FakeClock, dropped, refused
 
 
 class VersionedFake:
