@@ -33,12 +33,12 @@ from pathlib import Path
 import pytest
 
 from headshots import client
-from headshots.config import Config
 from headshots.manifest import BatchManifest, PersonSpec
 from storage import keys
 from storage.keys import PersonRef
 from storage.state import StateStore
 from tests.integration import multinode
+from tests.integration.multinode_fixtures import config, key_store, store  # noqa: F401
 from tests.integration.batch_counts import assert_every_person_exactly_once, checkpoint_steps, checkpoint_versions
 from tests.integration.conftest import TEST_CONSENT
 from tests.integration.ray_actors import wait_for
@@ -100,27 +100,6 @@ def settings(cluster, tmp_path_factory) -> dict:
         "security": {"master_key": base64.b64encode(secrets.token_bytes(32)).decode()},
         "ray": {"address": cluster.ray_address, "namespace": f"mq-{suffix}"},
     }
-
-
-@pytest.fixture(scope="module")
-def config(settings) -> Config:
-    return Config.from_dict(settings)
-
-
-@pytest.fixture(scope="module")
-def store(config):
-    from storage.store import ArtifactStore
-
-    artifact_store = ArtifactStore.from_config(config.store)
-    artifact_store.ensure_buckets()
-    return artifact_store
-
-
-@pytest.fixture(scope="module")
-def key_store(config, store):
-    from storage.crypto import key_store_for
-
-    return key_store_for(config, store)
 
 
 class Stack:
